@@ -1,0 +1,1 @@
+"""Convert Llama 4 checkpoints to MLX: fetch, sanitize, quantize, write shards."""
