@@ -6,6 +6,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import TextConfig
 from .rope import TextRoPE
@@ -56,5 +57,6 @@ class Attention(nn.Module):
             q = (q.astype(mx.float32) * self._temperature(offset, L)).astype(q.dtype)
         # Steps never cross a chunk boundary, so a causal mask (aligned to the last key) is all any layer needs.
         k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
+        mask = "causal" if L > 1 else None
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)  # float or quantized KV
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -13,7 +13,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_map
 from mlx_lm.models.cache import KVCache, _BaseCache
+
+
+def _leaves(x: Any) -> tuple:
+    """A cache buffer is one array, or the (packed, scales, biases) triple of a quantized one."""
+    return x if isinstance(x, tuple) else (x,)
 
 
 class ChunkCache(_BaseCache):
@@ -23,11 +29,17 @@ class ChunkCache(_BaseCache):
 
     def __init__(self, chunk_size: int):
         self.chunk_size = chunk_size
-        self.keys: Optional[mx.array] = None  # (B, KV, slots, Dh), slot = position % chunk_size
-        self.values: Optional[mx.array] = None
+        self.keys: Any = None  # (B, KV, slots, Dh), slot = position % chunk_size
+        self.values: Any = None
         self.offset = 0  # absolute number of positions seen
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def _encode(self, x: mx.array) -> Any:
+        return x
+
+    def _slots(self) -> int:
+        return _leaves(self.keys)[0].shape[2]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         """Store ``L`` new positions and return the live keys/values of their chunk, oldest first."""
         L = keys.shape[2]
         start = self.offset % self.chunk_size
@@ -37,23 +49,26 @@ class ChunkCache(_BaseCache):
                 f"a step of {L} tokens at position {self.offset} crosses a chunk boundary "
                 f"(chunk size {self.chunk_size}); split steps at multiples of the chunk size"
             )
-        if self.keys is None or end > self.keys.shape[2]:
+        keys, values = self._encode(keys), self._encode(values)
+        if self.keys is None or end > self._slots():
             self._grow(keys, values, end)
-        self.keys[..., start:end, :] = keys
-        self.values[..., start:end, :] = values
+        for buf, new in zip(_leaves(self.keys) + _leaves(self.values), _leaves(keys) + _leaves(values)):
+            buf[..., start:end, :] = new
         self.offset += L
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return tree_map(lambda a: a[..., :end, :], (self.keys, self.values))
 
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+    def _grow(self, keys: Any, values: Any, needed: int) -> None:
         slots = min(self.chunk_size, -(-needed // self.step) * self.step)
-        B, n_kv, _, dk = keys.shape
-        new_k = mx.zeros((B, n_kv, slots, dk), keys.dtype)
-        new_v = mx.zeros((B, n_kv, slots, values.shape[3]), values.dtype)
-        if self.keys is not None:  # only while the first chunk is filling
-            live = self.offset % self.chunk_size
-            new_k[..., :live, :] = self.keys[..., :live, :]
-            new_v[..., :live, :] = self.values[..., :live, :]
-        self.keys, self.values = new_k, new_v
+        live = self.offset % self.chunk_size  # > 0 only while the first chunk is filling, or after a reload
+
+        def grown(new, old=None):
+            buf = mx.zeros((*new.shape[:2], slots, new.shape[3]), new.dtype)
+            if live:
+                buf[..., :live, :] = old[..., :live, :]
+            return buf
+
+        old = () if self.keys is None else ((self.keys, self.values),)
+        self.keys, self.values = tree_map(grown, (keys, values), *old)
 
     def is_trimmable(self, n: Optional[int] = None) -> bool:
         """With ``n``: whether dropping the last ``n`` positions is exact. Without (mlx-lm's protocol, which
@@ -75,34 +90,59 @@ class ChunkCache(_BaseCache):
         self.offset -= n
         return n
 
+    def to_quantized(self, group_size: int = 64, bits: int = 8) -> "QuantizedChunkCache":
+        q = QuantizedChunkCache(self.chunk_size, group_size=group_size, bits=bits)
+        q.offset = self.offset
+        if self.keys is not None:
+            q.keys, q.values = q._encode(self.keys), q._encode(self.values)
+        return q
+
     def size(self) -> int:
         return self.offset
 
     def empty(self) -> bool:
         return self.keys is None
 
-    @property
-    def state(self):
-        live = self.offset % self.chunk_size or min(self.offset, self.chunk_size)
+    def _live(self) -> tuple[Any, Any]:
         if self.keys is None:
             return None, None
-        return self.keys[..., :live, :], self.values[..., :live, :]
+        live = self.offset % self.chunk_size or min(self.offset, self.chunk_size)
+        return tree_map(lambda a: a[..., :live, :], (self.keys, self.values))
+
+    @property
+    def state(self):
+        return (*self._live(), self.offset, self.chunk_size)
 
     @state.setter
     def state(self, v):
-        self.keys, self.values = v
-
-    @property
-    def meta_state(self):
-        return tuple(map(str, (self.offset, self.chunk_size)))
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self.offset, self.chunk_size = map(int, v)
+        self.keys, self.values, self.offset, self.chunk_size = v
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return sum(a.nbytes for a in _leaves(self.keys) + _leaves(self.values)) if self.keys is not None else 0
+
+
+class QuantizedChunkCache(ChunkCache):
+    """The chunk buffer with keys and values quantized (mlx-lm's quantized attention reads ``bits``)."""
+
+    def __init__(self, chunk_size: int, group_size: int = 64, bits: int = 8):
+        super().__init__(chunk_size)
+        self.group_size = group_size
+        self.bits = bits
+
+    def _encode(self, x: mx.array) -> tuple:
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8) -> "QuantizedChunkCache":
+        return self
+
+    @property
+    def state(self):
+        return (*self._live(), self.offset, self.chunk_size, self.group_size, self.bits)
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset, self.chunk_size, self.group_size, self.bits = v
 
 
 def make_cache(uses_rope: list[bool], chunk_size: Optional[int]) -> list[Any]:
