@@ -115,3 +115,18 @@ def load_model(path: str | Path, dtype: Optional[mx.Dtype] = None) -> Model:
         raise CheckpointError(f"{path}: cannot read tensor data ({e})") from None
     model.eval()
     return model
+
+
+def load(path_or_repo: str | Path, revision: Optional[str] = None, dtype: Optional[mx.Dtype] = None):
+    """``(model, processor)`` from a local checkpoint folder or a Hub repo id, in Hugging Face format
+    (bf16) or MLX format (quantized, with a ``quantization`` block in config.json)."""
+    from .generation import read_generation_config
+    from .hub import resolve_model_path
+    from .processor import load_processor
+
+    path = resolve_model_path(path_or_repo, revision)
+    model = load_model(path, dtype=dtype)
+    vision = model.config.vision
+    processor = load_processor(path, tokens_per_tile=vision.tokens_per_tile if vision else None)
+    processor.generation_config = read_generation_config(path)
+    return model, processor

@@ -1,0 +1,38 @@
+"""Resolve a model reference (a local folder or a Hugging Face Hub repo id) to a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+# What a Llama 4 checkpoint needs; original Meta weights (consolidated.*.pth) and other formats are skipped.
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.md")
+
+
+def resolve_model_path(
+    path_or_repo: str | Path, revision: Optional[str] = None, allow_patterns: Sequence[str] = MODEL_FILES
+) -> Path:
+    """A local folder as is; otherwise download (or find in the shared HF cache) the Hub repo's needed files.
+
+    ``huggingface_hub`` honours ``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_ENDPOINT`` and shows a progress bar.
+    """
+    local = Path(path_or_repo).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise NotADirectoryError(f"{local} is a file; give a checkpoint folder or a Hub repo id")
+    repo = str(path_or_repo)
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{repo}: no such folder, and not a Hub repo id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(allow_patterns)))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise FileNotFoundError(f"{repo}: not found on the Hugging Face Hub ({type(e).__name__})") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1); download it first or give a local folder"
+        ) from None
