@@ -198,3 +198,30 @@ def test_errors(tiny, tmp_path):
         model.config.text.max_position_embeddings = saved
     with pytest.raises(ValueError, match="images"):
         generate(model, processor, "no placeholder here", images=[_image()])
+
+
+def test_cli_generate_and_chat(tiny, tmp_path, capsys):
+    import argparse
+    import io
+
+    from mlx_llama4.cli import _chat, main
+
+    _, _, _, folder = tiny
+    img = tmp_path / "pic.png"
+    _image().save(img)
+    assert main(["generate", "--model", str(folder), "--prompt", "Hi", "--image", str(img), "--max-tokens", "5",
+                 "--temp", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "[prompt: " in out and "generation: " in out and "peak memory" in out
+
+    args = argparse.Namespace(
+        model=str(folder), revision=None, max_tokens=4, temp=0.0, top_p=None, top_k=None, min_p=0.0,
+        repetition_penalty=None, seed=None, kv_bits=None, kv_group_size=64)
+    stdin = io.StringIO(f"/image {img}\nWhat is it?\n/image /nope.png\nMore?\n/reset\nHello\n/quit\n")
+    out = io.StringIO()
+    assert _chat(args, stdin=stdin, out=out) == 0
+    text = out.getvalue()
+    assert "[attached pic.png]" in text and "[no such file: /nope.png]" in text and "[conversation cleared]" in text
+
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"]) == 2
+    assert "no such folder" in capsys.readouterr().err
