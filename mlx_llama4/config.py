@@ -231,7 +231,8 @@ class VisionConfig:
             projector_input_dim=_pos_int(d, "projector_input_dim", where, 4096),
             projector_output_dim=_pos_int(d, "projector_output_dim", where, 4096),
             vision_output_dim=_pos_int(d, "vision_output_dim", where, 4096),
-            rope_theta=_float(d, "rope_theta", where, 10000.0),
+            # transformers 5 nests the theta in rope_parameters
+            rope_theta=_float(d.get("rope_parameters") or d, "rope_theta", where, d.get("rope_theta", 10000.0)),
             norm_eps=_float(d, "norm_eps", where, 1e-5),
         )
         if cfg.hidden_size % cfg.num_attention_heads or cfg.head_dim % 4:
@@ -242,6 +243,29 @@ class VisionConfig:
         if cfg.image_size % cfg.patch_size or cfg.patches_per_side % 2:
             raise ConfigError(
                 f"{where}: image_size / patch_size must be an even integer, got {cfg.image_size} / {cfg.patch_size}"
+            )
+        # Shape rules Hugging Face's modules assume without checking (reference section 6, pitfall 5).
+        shuffled = cfg.hidden_size / cfg.pixel_shuffle_ratio**2
+        if shuffled != int(shuffled):
+            raise ConfigError(
+                f"{where}: hidden_size ({cfg.hidden_size}) / pixel_shuffle_ratio^2 ({cfg.pixel_shuffle_ratio}^2) "
+                "must be an integer"
+            )
+        if cfg.intermediate_size != int(shuffled):
+            raise ConfigError(
+                f"{where}: intermediate_size ({cfg.intermediate_size}) must equal hidden_size / "
+                f"pixel_shuffle_ratio^2 ({int(shuffled)}): the adapter's fc1 input is sized by it"
+            )
+        dims = (cfg.projector_input_dim, cfg.projector_output_dim, cfg.vision_output_dim)
+        if len(set(dims)) != 1:
+            raise ConfigError(
+                f"{where}: projector_input_dim, projector_output_dim and vision_output_dim must be equal, got "
+                f"{dims}"
+            )
+        if cfg.tokens_per_tile * round(1 / cfg.pixel_shuffle_ratio) ** 2 != cfg.patches_per_side**2:
+            raise ConfigError(
+                f"{where}: {cfg.patches_per_side}x{cfg.patches_per_side} patches cannot be pixel-shuffled "
+                f"with ratio {cfg.pixel_shuffle_ratio}"
             )
         return cfg
 

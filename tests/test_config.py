@@ -83,6 +83,8 @@ def test_written_by_transformers(tmp_path):
         (dict(text_config=dict(SCOUT_TEXT, rope_scaling=dict(rope_type="yarn", factor=4.0))), "yarn"),
         (dict(text_config=dict(SCOUT_TEXT, attention_chunk_size=0)), "attention_chunk_size"),
         (dict(vision_config=dict(VISION, patch_size=5)), "image_size / patch_size"),
+        (dict(vision_config=dict(VISION, intermediate_size=60)), "intermediate_size \\(60\\) must equal"),
+        (dict(vision_config=dict(VISION, vision_output_dim=16)), "must be equal, got \\(32, 32, 16\\)"),
     ],
 )
 def test_malformed_config_names_the_field(change, message):
