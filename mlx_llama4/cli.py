@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local checkpoint folder or Hugging Face repo id")
+    p.add_argument("--model", default="demo",
+                   help="local checkpoint folder or Hugging Face repo id (default: the bundled demo model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=None, help="sampling temperature (default: the checkpoint's)")
@@ -104,6 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .convert.cli import main as convert_main
 
         return convert_main(argv[1:])
+    if argv and argv[0] == "app":  # the web app owns its flags
+        from .app.cli import main as app_main
+
+        return app_main(argv[1:])
     parser = argparse.ArgumentParser(prog="mlx-llama4", description="Llama 4 in MLX")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a reply to one prompt")
@@ -114,6 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c = sub.add_parser("chat", help="multi-turn chat in the terminal")
     _add_sampling(c)
     sub.add_parser("convert", help="convert a checkpoint to MLX (see mlx-llama4 convert --help)")
+    sub.add_parser("app", help="local web chat with images (see mlx-llama4 app --help)")
     args = parser.parse_args(argv)
     try:
         return _generate(args) if args.command == "generate" else _chat(args)

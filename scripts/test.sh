@@ -9,4 +9,5 @@ if [ "$(uname -s)" = Linux ] && ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -e ".[test]"
+if [ "$(uname -s)" = Linux ]; then bash scripts/ci_browser_deps.sh; fi  # chromium + playwright for the browser test
 "$PY" -m pytest -q "$@"

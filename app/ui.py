@@ -1,0 +1,94 @@
+"""The Gradio Blocks: layout and event wiring (``build``), and ``launch``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+
+from .chat import ChatSession
+from .handlers import ChatApp
+
+DEVICE = "device"  # the queue slot shared by everything that runs on the device
+# System fonts only: the page loads nothing from the internet, so the app works offline.
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# Pictures in the chat as thumbnails (the expand button shows them full size).
+CSS = "#chatbot .message img { max-height: 200px; width: auto; object-fit: contain; }"
+
+
+def build(app: ChatApp) -> gr.Blocks:
+    """The page: the chat and its textbox on the left; model picker, system prompt and sampling on the right.
+
+    Generation events (send, retry, the ``/chat`` API, model switching) share one queue slot
+    (``concurrency_id="device"``, limit 1): one runs at a time, the others show their queue position. The
+    textbox's Stop button cancels the running reply; Gradio then closes the handler's generator, which stops
+    the MLX generator on the device thread.
+    """
+    d = app.config.defaults
+    with gr.Blocks(title=app.config.title, fill_height=True) as demo:
+        session = gr.State(ChatSession())
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4):
+                chatbot = gr.Chatbot(
+                    label="Llama 4", elem_id="chatbot", height="70vh", buttons=["copy", "copy_all"],
+                    placeholder="Ask anything. Attach, paste or drop images: the model sees every image "
+                                "in the conversation.")
+                textbox = gr.MultimodalTextbox(
+                    elem_id="message", show_label=False, file_count="multiple", sources=["upload"],
+                    placeholder="Message (Enter to send, Shift+Enter for a new line)", autofocus=True,
+                    submit_btn=True, stop_btn=False)
+            with gr.Column(scale=1, min_width=260):
+                picker = gr.Dropdown(label="Model", choices=app.choices(), interactive=True,
+                                     value=app.holder.current.name if app.holder.current else None)
+                refresh = gr.Button("↻ Rescan models", size="sm")
+                status = gr.Markdown(app.status(), elem_id="model-status")
+                system = gr.Textbox(label="System prompt", value=d.system, lines=3)
+                temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p")
+                max_tokens = gr.Slider(1, app.config.max_tokens_limit, value=d.max_tokens, step=1,
+                                       label="Max tokens")
+        api_send = gr.Button(visible=False)
+        api_reset = gr.Button(visible=False)
+        api_reply = gr.Textbox(visible=False)
+        api_stats = gr.JSON(visible=False)
+
+        sampling = [system, temperature, top_p, max_tokens]
+        generate = dict(fn=app.respond, inputs=[chatbot, session] + sampling, outputs=[chatbot],
+                        concurrency_limit=1, concurrency_id=DEVICE, api_visibility="undocumented",
+                        show_progress="full")
+        sent = textbox.submit(app.add_message, [textbox, chatbot], [textbox, chatbot], queue=False,
+                              api_name="add_message", api_visibility="undocumented")
+        reply = sent.then(api_name="respond", **generate)
+        reply.then(app.finish, [chatbot], [textbox, chatbot], queue=False, api_name="finish",
+                   api_visibility="undocumented")
+        retried = chatbot.retry(app.prepare_retry, [chatbot], [textbox, chatbot], queue=False,
+                                api_name="prepare_retry", api_visibility="undocumented")
+        re_reply = retried.then(api_name="retry", **generate)
+        re_reply.then(app.finish, [chatbot], [textbox, chatbot], queue=False, api_name="finish_retry",
+                      api_visibility="undocumented")
+        textbox.stop(None, None, None, cancels=[reply, re_reply], api_name="stop", api_visibility="undocumented")
+        chatbot.undo(app.undo, [chatbot], [textbox, chatbot], queue=False, api_name="undo",
+                     api_visibility="undocumented")
+        chatbot.clear(app.clear, [session], [session], queue=False, cancels=[reply, re_reply],
+                      api_name="clear_chat", api_visibility="undocumented")
+
+        api_send.click(app.api_chat, [textbox] + sampling + [session], [api_reply, api_stats],
+                       api_name="chat", concurrency_limit=1, concurrency_id=DEVICE)
+        api_reset.click(app.api_clear, [session], [session], api_name="clear", queue=False)
+
+        picker.input(app.switch_model, [picker], [status], api_name="load_model", concurrency_limit=1,
+                     concurrency_id=DEVICE, api_visibility="undocumented", show_progress="full")
+        refresh.click(app.refresh, None, [picker], queue=False, api_name="rescan", api_visibility="undocumented")
+        demo.load(app.on_load, None, [picker, status], queue=False, api_name="on_load",
+                  api_visibility="undocumented")
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
+           max_file_size: str | int = "20mb", block: bool = True, max_queue: int = 64) -> gr.Blocks:
+    """Start the server: only uploaded files are served (no ``allowed_paths``), uploads are size-limited."""
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size,
+                prevent_thread_lock=not block, show_error=True, quiet=not block, ssr_mode=False,
+                inbrowser=False, allowed_paths=[], mcp_server=False, theme=THEME, css=CSS)
+    return demo
