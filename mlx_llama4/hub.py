@@ -8,17 +8,26 @@ from typing import Optional, Sequence
 # What a Llama 4 checkpoint needs; original Meta weights (consolidated.*.pth) and other formats are skipped.
 MODEL_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.md")
 
+# The bundled demonstration model (a tiny Llama 4 trained on synthetic shapes; see training/train_demo.py).
+DEMO_NAME = "demo"
+DEMO_PATH = Path(__file__).resolve().parent / "demo"
+
 
 def resolve_model_path(
     path_or_repo: str | Path, revision: Optional[str] = None, allow_patterns: Sequence[str] = MODEL_FILES
 ) -> Path:
-    """A local folder as is; otherwise download (or find in the shared HF cache) the Hub repo's needed files.
+    """A local folder as is; ``"demo"`` the bundled demo model (unless a folder of that name exists); otherwise
+    download (or find in the shared HF cache) the Hub repo's needed files.
 
     ``huggingface_hub`` honours ``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_ENDPOINT`` and shows a progress bar.
     """
     local = Path(path_or_repo).expanduser()
     if local.is_dir():
         return local
+    if str(path_or_repo) == DEMO_NAME:
+        if not (DEMO_PATH / "config.json").is_file():
+            raise FileNotFoundError(f"the bundled demo model is missing from {DEMO_PATH} (a broken install?)")
+        return DEMO_PATH
     if local.exists():
         raise NotADirectoryError(f"{local} is a file; give a checkpoint folder or a Hub repo id")
     repo = str(path_or_repo)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,11 +14,13 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
 from .model import Model
-from .weights import sanitize
+from .weights import CheckpointError, canonical_module, sanitize
 
+__all__ = ["CheckpointError", "load", "load_model", "quantize_like_checkpoint", "infer_quant_params"]
 
-class CheckpointError(ValueError):
-    """A checkpoint whose files or tensors do not match its config; the message names the file or tensor."""
+# Quantization modes whose (bits, group_size) pair is fixed; affine keeps float scales, these keep uint8 ones.
+FIXED_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
 def default_dtype() -> Optional[mx.Dtype]:
@@ -53,33 +57,69 @@ def read_weights(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
-def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict[str, mx.array]) -> None:
-    """Swap in quantized layers wherever the checkpoint holds ``scales`` (mlx-lm's ``quantization`` block,
-    with optional per-layer overrides keyed by module path)."""
+def infer_quant_params(path: str, in_dims: int, weights: Mapping[str, Any]) -> dict:
+    """The ``group_size``, ``bits`` and ``mode`` a layer was packed with, from its tensors' shapes and dtypes.
+
+    ``in_dims`` is the layer's unquantized input width; ``weights`` maps names to anything with ``shape`` and
+    ``dtype`` (arrays, or the converter's ``TensorInfo``).
+    """
+    w, s = weights[f"{path}.weight"], weights[f"{path}.scales"]
+    packed, groups = w.shape[-1], s.shape[-1]
+    bits, group_size = packed * 32 // in_dims, in_dims // max(groups, 1)
+    if bits * in_dims != packed * 32 or group_size * groups != in_dims:
+        raise CheckpointError(
+            f"{path}: packed weight {tuple(w.shape)} and scales {tuple(s.shape)} do not fit an input width of {in_dims}"
+        )
+    if s.dtype != mx.uint8:
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    for mode, pair in FIXED_MODES.items():
+        if pair == (bits, group_size):
+            return {"group_size": group_size, "bits": bits, "mode": mode}
+    raise CheckpointError(f"{path}: cannot tell the quantization mode of {bits} bits with group size {group_size}")
+
+
+def _overrides(quantization: dict) -> dict[str, dict]:
+    """Per-layer entries of a ``quantization`` block, keyed by our module paths (mlx-lm / mlx-vlm spell some
+    differently, e.g. separate ``experts.gate_proj`` / ``experts.up_proj``)."""
+    return {canonical_module(k): v for k, v in quantization.items() if isinstance(v, dict)}
+
+
+def quantize_like_checkpoint(model: nn.Module, quantization: Optional[dict], weights: Mapping[str, Any]) -> None:
+    """Swap in quantized layers wherever the checkpoint holds ``scales``.
+
+    Each layer takes its per-layer entry of the ``quantization`` block (mlx-lm convention: keyed by module
+    path, e.g. from a mixed recipe) if there is one, else what its tensors' shapes say, else the block's
+    top-level ``group_size`` / ``bits`` / ``mode``.
+    """
+    quantization = quantization or {}
+    overrides = _overrides(quantization)
+    default = {
+        "group_size": quantization.get("group_size", 64),
+        "bits": quantization.get("bits", 4),
+        "mode": quantization.get("mode", "affine"),
+    }
 
     def predicate(path: str, module: nn.Module):
-        if f"{path}.scales" not in weights:
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
             return False
-        override = quantization.get(path)
-        return override if isinstance(override, dict) else True
+        if path in overrides:
+            return {**default, **{k: overrides[path][k] for k in ("group_size", "bits", "mode") if k in overrides[path]}}
+        try:
+            return infer_quant_params(path, module.weight.shape[-1], weights)
+        except CheckpointError:
+            return dict(default)  # the shape check that follows names the tensor
 
-    nn.quantize(
-        model,
-        group_size=quantization.get("group_size", 64),
-        bits=quantization.get("bits", 4),
-        mode=quantization.get("mode", "affine"),
-        class_predicate=predicate,
-    )
+    nn.quantize(model, class_predicate=predicate)
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+def check_shapes(expected: Mapping[str, Any], found: Mapping[str, Any], source: Any) -> None:
+    """Raise a ``CheckpointError`` listing missing, unexpected and mis-shaped tensors (values have ``.shape``)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     mis_shaped = [
-        f"{k}: checkpoint {tuple(weights[k].shape)}, model {tuple(v.shape)}"
+        f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in weights and weights[k].shape != v.shape
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
     ]
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
@@ -90,22 +130,38 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) 
         raise CheckpointError(f"checkpoint {source} does not match its config.json:\n" + "\n".join(problems))
 
 
+def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
+    check_shapes(dict(tree_flatten(model.parameters())), weights, source)
+
+
+def without_absent_vision(config: ModelConfig, names) -> ModelConfig:
+    """Text-only when the checkpoint holds no vision tensors at all (mlx-lm writes text-only MLX checkpoints,
+    some with the original ``vision_config`` still in config.json)."""
+    if config.vision is not None and not any(n.startswith(VISION_PREFIXES) for n in names):
+        warnings.warn("the checkpoint has no vision tensors; loading the text model only", stacklevel=3)
+        return dataclasses.replace(config, vision=None)
+    return config
+
+
 def load_model(path: str | Path, dtype: Optional[mx.Dtype] = None) -> Model:
     """Build the model described by ``path/config.json`` and load its weights.
 
-    ``dtype`` casts floating-point weights (quantized integer weights are kept); the default is float32 on
-    the CPU backend and the checkpoint's own dtype on Metal.
+    Reads every supported layout (``weights.py``): Hugging Face, per-expert, FP8 (dequantized), mlx-lm /
+    mlx-vlm and our own MLX checkpoints, float or quantized. ``dtype`` casts floating-point weights (quantized
+    integer weights are kept); the default is float32 on the CPU backend and the checkpoint's own dtype on Metal.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
     config: ModelConfig = load_config(path)
-    weights = sanitize(read_weights(safetensors_files(path)))
+    dtype = dtype or default_dtype()
+    # FP8 checkpoints are dequantized on the fly, to bfloat16 unless a dtype is asked for.
+    weights = sanitize(read_weights(safetensors_files(path)), fp8_dtype=dtype or mx.bfloat16)
+    config = without_absent_vision(config, weights)
     model = Model(config)
-    if config.quantization:
+    if config.quantization or any(k.endswith(".scales") for k in weights):
         quantize_like_checkpoint(model, config.quantization, weights)
     check_weights(model, weights, path)
-    dtype = dtype or default_dtype()
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()))
