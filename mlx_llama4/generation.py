@@ -133,14 +133,16 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     prompt_cache: Optional[PromptCache] = None,
-    prefill_step_size: int = 2048,
+    prefill_step_size: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[GenerationChunk]:
     """Stream the reply to ``prompt``: a string (one user turn) or chat messages in the Hugging Face format.
 
     Sampling defaults come from the checkpoint's ``generation_config.json`` (temperature 0 = greedy when it
     has none). With ``prompt_cache`` only the tokens after the longest reusable prefix are fed, and the cache
-    is left holding the whole conversation so far. ``progress(done, total)`` reports prefill progress.
+    is left holding the whole conversation so far. ``progress(done, total)`` reports prefill progress. The
+    prompt is fed ``prefill_step_size`` tokens at a time: by default one attention chunk, which bounds the
+    activations of a long prefill to one chunk's.
     """
     tic = time.perf_counter()
     defaults = getattr(processor, "generation_config", {}) or {}
@@ -177,7 +179,8 @@ def stream_generate(
         feed, model.language_model, max_tokens=max_tokens,
         sampler=make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k),
         logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
-        prompt_cache=cache.layers, prefill_step_size=prefill_step_size,
+        prompt_cache=cache.layers,
+        prefill_step_size=prefill_step_size or model.config.text.attention_chunk_size or 2048,
         kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=0,
         prompt_progress_callback=progress, input_embeddings=embeddings,
     )

@@ -1,0 +1,131 @@
+"""``python -m bench``: every benchmark, each configuration in a fresh worker process, then the report.
+
+    python -m bench                 # everything (8-11 minutes on 2 shared CPU cores)
+    python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~4 minutes)
+    python -m bench --only 1,4      # some items only (numbers as in the issue: 1-6)
+    python -m bench --render        # rewrite RESULTS.md and plots from results.json
+
+Writes ``docs/bench/results.json``, ``docs/bench/RESULTS.md`` and the plots (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_worker(task: str, timeout: float = 1200, **kwargs) -> dict:
+    """Run ``bench.worker`` in a fresh interpreter; its result, or ``{"error": ...}``."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("TQDM_DISABLE", "1")
+    t = time.perf_counter()
+    label = f"{task} {json.dumps(kwargs)}"
+    print(f"  - {label} ...", end="", flush=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.worker", task, json.dumps(kwargs), out], cwd=ROOT,
+                              env=env, timeout=timeout, capture_output=True, text=True)
+        data = json.loads(Path(out).read_text()) if Path(out).stat().st_size else {}
+        if not data:
+            data = {"ok": False, "error": f"worker exited {proc.returncode}: {proc.stderr[-2000:]}"}
+    except subprocess.TimeoutExpired:
+        data = {"ok": False, "error": f"timed out after {timeout} s"}
+    finally:
+        Path(out).unlink(missing_ok=True)
+    dt = time.perf_counter() - t
+    print(f" {dt:.0f} s" + ("" if data.get("ok") else f"  FAILED: {data.get('error')}"), flush=True)
+    if data.get("ok"):
+        return data["result"]
+    return {"error": data.get("error"), "traceback": data.get("traceback")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and context lengths")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated item numbers (default: all)")
+    ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="folder for results.json, RESULTS.md, plots")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite RESULTS.md and the plots from OUT/results.json (no measuring)")
+    args = ap.parse_args(argv)
+    if args.render:
+        report.write_all(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
+        return 0
+    items = {int(x) for x in args.only.split(",") if x.strip()}
+    repeats = args.repeats or (1 if args.quick else 3)
+    out_dir = Path(args.out)
+    t_start = time.perf_counter()
+
+    machine = report.machine_info()
+    print(report.machine_text(machine), flush=True)
+    results: dict = {"machine": machine, "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
+                     "repeats": repeats, "quick": args.quick, "items": sorted(items)}
+
+    print("building / reusing checkpoints", flush=True)
+    names = ["scout", "maverick", "maverick16", "scout-wide", "vision"]
+    results["checkpoints"] = run_worker("build", names=names)
+
+    short, long = 64, 4 * 128 + 64  # long: 4.5 chunks of 128; decoding goes on inside the 5th chunk
+    steps = 24 if args.quick else 48  # decode steps per model, taken in turns
+    if 1 in items:
+        print("1. tokens/s ours / mlx-lm", flush=True)
+        configs = [("scout", "f32"), ("scout", "q4"), ("maverick", "f32"), ("maverick", "q4")]
+        if args.quick:
+            configs = configs[:2]
+        results["speed"] = [run_worker("text_speed", name=n, quant=q, repeats=repeats, short=short, long=long,
+                                       steps=steps) for n, q in configs]
+        results["mlx_lm_raw_load"] = run_worker("mlx_lm_raw_load", name="scout", quant="f32", short=short,
+                                                steps=steps // 2)
+    if 2 in items:
+        print("2. decode step / its weight kernels", flush=True)
+        samples = 20 if args.quick else 40
+        results["kernel_sum"] = [run_worker("kernel_sum", name=n, quant=q, samples=samples)
+                                 for n, q in (("scout", "f32"), ("scout", "q4"), ("scout-wide", "f32"))]
+    if 3 in items:
+        print("3. decode time, 128 experts / 16 experts", flush=True)
+        results["experts"] = run_worker("expert_scaling", prompt=short, steps=steps)
+    if 4 in items:
+        print("4. peak memory vs context length (one process per point), and tokens/s vs context length", flush=True)
+        # half a chunk past a power of two, so that decoding is mid-chunk (not at a chunk start, where our
+        # RoPE layers attend to almost nothing)
+        contexts = [c + 64 for c in ([128, 512, 1024] if args.quick else [128, 256, 512, 1024, 2048])]
+        results["context_speed"] = run_worker("context_speed", name="scout", contexts=contexts, steps=steps // 2)
+        points = []
+        for ctx in contexts:
+            for impl in ("ours", "mlx-lm"):
+                r = run_worker("context_point", impl=impl, name="scout", context=ctx, gen=8)
+                points.append(r if "error" not in r else dict(r, impl=impl, context=ctx))
+        results["context"] = points
+        # ours again at the longest context, prefilling one attention chunk per generate_step piece
+        results["context_chunked_prefill"] = run_worker("context_point", impl="ours", name="scout",
+                                                        context=contexts[-1], gen=8, prefill_step_size=128)
+    if 5 in items:
+        print("5. image: preprocessing + vision encode per tile, ours / mlx-vlm", flush=True)
+        results["vision"] = run_worker("vision_speed", repeats=repeats)
+    if 6 in items:
+        print("6. converter peak RSS / largest output shard", flush=True)
+        results["convert"] = [
+            run_worker("convert", name="maverick", quantize=False, dtype="bfloat16"),
+            run_worker("convert", name="maverick", quantize=True, dtype=None),
+            run_worker("convert", name="maverick", quantize=False, dtype="bfloat16", max_shard_size="200MB"),
+        ]
+    results["runtime_s"] = time.perf_counter() - t_start
+    results["machine"]["loadavg_end"] = report.loadavg()
+    report.write_all(results, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
