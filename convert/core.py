@@ -29,7 +29,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_llama4.config import ConfigError, ModelConfig
+from mlx_llama4.config import ConfigError, ModelConfig, read_config_json
 from mlx_llama4.loading import check_shapes, quantize_like_checkpoint, without_absent_vision
 from mlx_llama4.model import Model
 from mlx_llama4.weights import CheckpointError, Entry, TensorInfo, plan_layout
@@ -122,15 +122,7 @@ def _is_nonempty_dir(p: Path) -> bool:
 
 
 def read_source_config(path: Path) -> tuple[dict, ModelConfig]:
-    file = path / "config.json"
-    if not file.exists():
-        raise ConfigError(f"no config.json in {path}")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: must be a JSON object")
+    file, raw = read_config_json(path)
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
     if (archs and not set(archs) & set(ARCHITECTURES)) or model_type not in ("llama4", "llama4_text"):

@@ -308,8 +308,8 @@ class ModelConfig:
         )
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read ``config.json`` from a checkpoint folder (or the file itself)."""
+def read_config_json(path: str | Path) -> tuple[Path, dict]:
+    """``(file, raw dict)`` of ``config.json`` in a checkpoint folder (or the file itself)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
@@ -318,6 +318,14 @@ def load_config(path: str | Path) -> ModelConfig:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: must be a JSON object")
+    return file, raw
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read ``config.json`` from a checkpoint folder (or the file itself)."""
+    file, raw = read_config_json(path)
     try:
         return ModelConfig.from_dict(raw)
     except ConfigError as e:
