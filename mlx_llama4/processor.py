@@ -17,165 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .chat_template import (
+    REFERENCE_CHAT_TEMPLATE,
+    ProcessorError,
+    _read_json,
+    load_chat_template,
+    render_chat_template,
+    split_messages,
+)
 from .images import DEFAULT_MAX_PIXELS, ImageInput, ImageSettings, preprocess_images
 
-# The Llama 4 chat template (reference section 4.2), used when a checkpoint ships none. It is data, not
-# code: the string the published checkpoints carry. In the original, the `'system' %}` line ends with four
-# spaces; they are restored below instead of being kept in the source, where editors strip them.
-REFERENCE_CHAT_TEMPLATE = r"""{{- bos_token }}
-{%- if custom_tools is defined %}
-    {%- set tools = custom_tools %}
-{%- endif %}
-{%- if not tools_in_user_message is defined %}
-    {%- set tools_in_user_message = true %}
-{%- endif %}
-{%- if not date_string is defined %}
-    {%- if strftime_now is defined %}
-        {%- set date_string = strftime_now("%d %b %Y") %}
-    {%- else %}
-        {%- set date_string = "26 Jul 2024" %}
-    {%- endif %}
-{%- endif %}
-{%- if not tools is defined %}
-    {%- set tools = none %}
-{%- endif %}
-
-{#- This block extracts the system message, so we can slot it into the right place. #}
-{%- if messages[0]['role'] == 'system' %}
-    {%- if messages[0]['content'] is string %}
-        {%- set system_message = messages[0]['content']|trim %}
-    {%- else %}
-        {#- FIXME: The processor requires an array, always. #}
-        {%- set system_message = messages[0]['content'][0]['text']|trim %}
-    {%- endif %}
-    {%- set messages = messages[1:] %}
-    {%- set user_supplied_system_message = true %}
-{%- else %}
-    {%- set system_message = "" %}
-    {%- set user_supplied_system_message = false %}
-{%- endif %}
-
-{#- System message if the user supplied one #}
-{%- if user_supplied_system_message %}
-    {{- "<|header_start|>system<|header_end|>
-
-" }}
-    {%- if tools is not none %}
-        {{- "Environment: ipython
-" }}
-    {%- endif %}
-    {%- if tools is not none and not tools_in_user_message %}
-        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
-        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-        {{- "Do not use variables.
-
-" }}
-        {%- for t in tools %}
-            {{- t | tojson(indent=4) }}
-            {{- "
-
-" }}
-        {%- endfor %}
-    {%- endif %}
-    {{- system_message }}
-    {{- "<|eot|>" }}
-{%- endif %}
-
-{#- Custom tools are passed in a user message with some extra guidance #}
-{%- if tools_in_user_message and not tools is none %}
-    {#- Extract the first user message so we can plug it in here #}
-    {%- if messages | length != 0 %}
-        {%- set first_user_message = messages[0]['content']|trim %}
-        {%- set messages = messages[1:] %}
-    {%- else %}
-        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
-{%- endif %}
-    {{- '<|header_start|>user<|header_end|>
-
-' -}}
-    {{- "Given the following functions, please respond with a JSON for a function call " }}
-    {{- "with its proper arguments that best answers the given prompt.
-
-" }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.
-
-" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "
-
-" }}
-    {%- endfor %}
-    {{- first_user_message + "<|eot|>"}}
-{%- endif %}
-
-{%- for message in messages %}
-    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
-    {{- '<|header_start|>' + message['role'] + '<|header_end|>
-
-' }}
-        {%- if message['content'] is string %}
-            {{- message['content'] }}
-        {%- else %}
-            {%- for content in message['content'] %}
-                {%- if content['type'] == 'image' %}
-                    {{- '<|image|>' }}
-                {%- elif content['type'] == 'text' %}
-                    {{- content['text'] }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- "<|eot|>" }}
-    {%- elif 'tool_calls' in message and message.tool_calls|length > 0 %}
-       {{- '<|header_start|>assistant<|header_end|>
-
-' -}}
-       {{- '<|python_start|>' }}
-        {%- if message['content'] is string %}
-            {{- message['content'] }}
-        {%- else %}
-            {%- for content in message['content'] %}
-                {%- if content['type'] == 'image' %}
-                    {{- '<|image|>' }}
-                {%- elif content['type'] == 'text' %}
-                    {{- content['text'] }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-       {{- '<|python_end|>' }}
-        {%- for tool_call in message.tool_calls %}
-           {{- '{"name": "' + tool_call.function.name + '", ' }}
-           {{- '"parameters": ' }}
-           {{- tool_call.function.arguments | tojson }}
-           {{- "}" }}
-        {%- endfor %}
-       {{- "<|eot|>" }}
-    {%- elif message.role == "tool" or message.role == "ipython" %}
-        {{- "<|header_start|>ipython<|header_end|>
-
-" }}
-        {%- if message.content is mapping or message.content is iterable %}
-            {{- message.content | tojson }}
-        {%- else %}
-            {{- message.content }}
-        {%- endif %}
-        {{- "<|eot|>" }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|header_start|>assistant<|header_end|>
-
-' }}
-{%- endif %}
-""".replace("'system' %}\n", "'system' %}    \n", 1)
 
 IMAGE_PLACEHOLDER = "<|image|>"
 BOS_TOKEN = "<|begin_of_text|>"
@@ -184,13 +40,7 @@ STOP_TOKENS = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
 DEFAULT_PATCH_SIZE = 14
 DEFAULT_PIXEL_SHUFFLE_RATIO = 0.5
 
-# Keys of a message content part that carry the image itself (Hugging Face, OpenAI and local spellings).
-_IMAGE_SOURCE_KEYS = ("image", "image_url", "url", "path")
-_IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
-
-class ProcessorError(ValueError):
-    """Inputs that cannot be turned into a prompt: e.g. a different number of images and placeholders."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,192 +108,8 @@ def tokens_per_tile_for(tile_size: int, patch_size: int, pixel_shuffle_ratio: fl
 
 
 # --------------------------------------------------------------------------------------------------
-# Chat template rendering
-# --------------------------------------------------------------------------------------------------
-
-
-def _raise_exception(message: str) -> None:
-    import jinja2
-
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
-    """JSON without HTML escaping (Jinja's own tojson escapes <, >, &), with indent support."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    """Compile a chat template in a sandbox, with the helpers Hugging Face templates expect.
-
-    Templates come with checkpoints from the Hub, so they are untrusted: the immutable sandbox stops them
-    from touching Python internals or mutating inputs. trim_blocks/lstrip_blocks and the helper names
-    match transformers, so a template renders here exactly as it does there.
-    """
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(Extension):
-        """``{% generation %}...{% endgeneration %}`` (used by some templates to mark assistant text): no-op."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ProcessorError(f"chat template does not compile: {exc}") from None
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types, so a sandboxed template never sees rich objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):  # subclasses (e.g. enums) lose their extra methods
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _as_dict(message: Any) -> dict:
-    """A message as a dict: dicts as they are, pydantic models and dataclasses converted; None values dropped.
-
-    OpenAI-style APIs send ``content=None`` or ``tool_calls=None``, which templates treat as present.
-    """
-    if dataclasses.is_dataclass(message) and not isinstance(message, type):
-        message = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    elif callable(getattr(message, "model_dump", None)):
-        message = message.model_dump()
-    if not isinstance(message, Mapping):
-        raise ProcessorError(f"a chat message must be a dict with 'role' and 'content', got {type(message).__name__}")
-    return {key: value for key, value in message.items() if value is not None}
-
-
-def _image_part_source(part: Mapping) -> tuple[bool, Any]:
-    """(is_image, source or None) for one content part."""
-    kind = part.get("type")
-    if kind not in _IMAGE_PART_TYPES and not (kind is None and any(k in part for k in _IMAGE_SOURCE_KEYS)):
-        return False, None
-    for key in _IMAGE_SOURCE_KEYS:
-        value = part.get(key)
-        if isinstance(value, Mapping):  # OpenAI: {"type": "image_url", "image_url": {"url": ...}}
-            value = value.get("url", value.get("path"))
-        if value is not None:
-            return True, value
-    return True, None
-
-
-def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:
-    """Normalise chat messages for the template and collect their images in order.
-
-    Returns (messages with every image part replaced by ``{"type": "image"}``, one entry per image part:
-    its inline source, or None when the image is supplied separately). A plain string is one user turn;
-    string parts of a content list are text parts.
-    """
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if isinstance(messages, Mapping):
-        messages = [messages]
-    out: list[dict] = []
-    sources: list[Any] = []
-    for raw in messages:
-        message = _as_dict(raw)
-        content = message.get("content")
-        if isinstance(content, (list, tuple)):
-            parts = []
-            for part in content:
-                if isinstance(part, str):
-                    parts.append({"type": "text", "text": part})
-                    continue
-                part = _as_dict(part)
-                is_image, source = _image_part_source(part)
-                if is_image:
-                    parts.append({"type": "image"})
-                    sources.append(source)
-                else:
-                    parts.append(part)
-            message["content"] = parts
-        out.append(message)
-    return out, sources
-
-
-# --------------------------------------------------------------------------------------------------
 # Loading the pieces of a checkpoint folder
 # --------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ProcessorError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ProcessorError(f"{path}: expected a JSON object")
-    return data
-
-
-def _template_from_value(value: Any, where: Path) -> str | None:
-    """A chat template from a config value: a string, or a list of named templates (take 'default')."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
-        if "default" in named:
-            return named["default"]
-        if named:
-            return next(iter(named.values()))
-    raise ProcessorError(f"{where}: chat_template must be a string or a list of named templates")
-
-
-def load_chat_template(folder: Path, tokenizer_config: Mapping | None = None) -> str | None:
-    """The checkpoint's chat template: chat_template.jinja, chat_template.json, then tokenizer_config.json."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    as_json = folder / "chat_template.json"
-    if as_json.is_file():
-        template = _template_from_value(_read_json(as_json).get("chat_template"), as_json)
-        if template:
-            return template
-    if tokenizer_config:
-        return _template_from_value(tokenizer_config.get("chat_template"), folder / "tokenizer_config.json")
-    return None
 
 
 def _size_from(value: Any) -> int | None:
@@ -640,21 +306,9 @@ class Processor:
         return special
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, tools=None, **kwargs) -> str:
-        if tools is not None:
-            tools = [self._tool_schema(t) for t in tools]
-        variables = {**self._template_variables(), **_plain(kwargs)}
-        template = _compile_template(self.chat_template)
-        return template.render(
-            messages=_plain(messages), tools=_plain(tools), add_generation_prompt=add_generation_prompt, **variables
+        return render_chat_template(
+            self.chat_template, messages, add_generation_prompt, tools, {**self._template_variables(), **kwargs}
         )
-
-    @staticmethod
-    def _tool_schema(tool: Any) -> Any:
-        if isinstance(tool, Mapping) or not callable(tool):
-            return tool
-        from transformers.utils import get_json_schema
-
-        return get_json_schema(tool)
 
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, **kwargs) -> str:
         """Render chat messages (Hugging Face format) to the prompt text, one ``<|image|>`` per image part.
