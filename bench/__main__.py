@@ -108,9 +108,9 @@ def main(argv=None) -> int:
                 r = run_worker("context_point", impl=impl, name="scout", context=ctx, gen=8)
                 points.append(r if "error" not in r else dict(r, impl=impl, context=ctx))
         results["context"] = points
-        # ours again at the longest context, prefilling one attention chunk per generate_step piece
+        # ours again at the longest context, in mlx-lm's 2048-token prefill pieces instead of one chunk
         results["context_chunked_prefill"] = run_worker("context_point", impl="ours", name="scout",
-                                                        context=contexts[-1], gen=8, prefill_step_size=128)
+                                                        context=contexts[-1], gen=8, prefill_step_size=2048)
     if 5 in items:
         print("5. image: preprocessing + vision encode per tile, ours / mlx-vlm", flush=True)
         results["vision"] = run_worker("vision_speed", repeats=repeats)

@@ -376,9 +376,13 @@ def kv_budget(name: str, tokens: int, weights: int) -> dict:
             "budget": int(1.10 * (weights + global_kv + chunk_kv))}
 
 
-def context_point(impl: str, name: str, context: int, gen: int, prefill_step_size: int = 2048) -> dict:
-    """Peak MLX memory of prefilling ``context`` tokens and generating ``gen`` more with ``generate_step``."""
+def context_point(impl: str, name: str, context: int, gen: int, prefill_step_size: int | None = None) -> dict:
+    """Peak MLX memory of prefilling ``context`` tokens and generating ``gen`` more with ``generate_step``, in
+    pieces of ``prefill_step_size`` tokens: by default each library's own (ours: one attention chunk, as
+    ``stream_generate`` does; mlx-lm: 2048)."""
     lm = LOADERS[impl](ck.checkpoint(name), "f32")[1]
+    if prefill_step_size is None:
+        prefill_step_size = lm.config.attention_chunk_size if impl == "ours" else 2048
     _fresh()
     weights = mx.get_active_memory()
     prompt = prompt_ids(context)
