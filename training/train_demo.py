@@ -1,0 +1,486 @@
+"""Train the bundled demo model: a tiny Llama 4 that talks about pictures of simple shapes.
+
+    # train (about 40 minutes on 2 shared CPU cores), write the HF-format folder, convert it into the package
+    OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf --ship mlx_llama4/demo
+    python training/train_demo.py --steps 60 --out /tmp/smoke  # a smoke run
+
+The model is transformers' ``Llama4ForConditionalGeneration`` in PyTorch (CPU, float32) with every structural
+feature of the real one at a tiny size: routed experts plus a shared expert in the MoE layers, dense layers
+between them, NoPE layers with attention temperature tuning, chunked attention with a small chunk, qk-norm,
+llama3 RoPE scaling, and the vision tower with pixel shuffle fed multi-tile images. Data is generated on the
+fly (``training/shapes.py``); the tokenizer is a small BPE with Llama 4's special tokens
+(``training/tokenizer.py``). Everything is seeded: the same command gives the same weights on the same torch
+build and thread count.
+
+Prompts are built by ``mlx_llama4.processor.Processor``, the code that serves the model, so the training
+inputs (chat template, image tiling, image token layout) are exactly the inference inputs.
+
+Outputs: ``--out`` (a Hugging Face checkpoint folder, weights in bfloat16, plus tokenizer, chat template,
+image-processor config and a model card). Progress checkpoints go to ``--work``; ``--resume`` continues one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import shapes  # noqa: E402
+import tokenizer as demo_tokenizer  # noqa: E402
+
+TILE = 112  # tile side: 8x8 patches of 14 px -> 16 image tokens per tile after pixel shuffle
+MAX_PATCHES = 4  # up to 4 tiles (+ the global tile) per image
+
+VISION = dict(
+    model_type="llama4_vision_model",
+    hidden_size=96,
+    num_attention_heads=4,  # head_dim 24 (a multiple of 4 for the 2-D RoPE)
+    intermediate_size=384,  # must be hidden_size / pixel_shuffle_ratio**2
+    num_hidden_layers=3,
+    image_size=TILE,
+    patch_size=14,
+    num_channels=3,
+    hidden_act="gelu",
+    norm_eps=1e-5,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=128,  # these three must be equal
+    projector_output_dim=128,
+    vision_output_dim=128,
+    multi_modal_projector_bias=False,
+    rope_theta=10000,
+)
+
+TEXT = dict(
+    model_type="llama4_text",
+    hidden_size=128,
+    head_dim=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA 2:1
+    num_hidden_layers=4,
+    intermediate_size=128,  # expert width (routed and shared)
+    intermediate_size_mlp=256,  # dense layers' width
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=2,  # layers 1, 3 MoE; 0, 2 dense (the Maverick pattern)
+    no_rope_layers=[1, 0, 1, 0],  # layers 1, 3 NoPE (global attention): they carry the image past the chunks
+    attention_chunk_size=32,  # RoPE layers attend within chunks of 32 tokens
+    use_qk_norm=True,
+    attn_temperature_tuning=True,
+    floor_scale=16,  # small, so temperature tuning acts at these short lengths
+    attn_scale=0.1,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    rope_theta=500000.0,
+    rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256
+    ),
+    max_position_embeddings=4096,
+    attention_bias=False,
+    tie_word_embeddings=False,
+    vocab_size=demo_tokenizer.VOCAB_SIZE,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, tokenizer, processor
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(seed: int):
+    return demo_tokenizer.train_tokenizer(shapes.corpus(random.Random(seed + 1)))
+
+
+def build_processor(tok):
+    from mlx_llama4.images import ImageSettings
+    from mlx_llama4.processor import Processor, tokens_per_tile_for
+
+    fast = demo_tokenizer.fast_tokenizer(tok)
+    settings = ImageSettings(size=TILE, max_patches=MAX_PATCHES)
+    processor = Processor(
+        fast,
+        image_settings=settings,
+        tokens_per_tile=tokens_per_tile_for(TILE, VISION["patch_size"], VISION["pixel_shuffle_ratio"]),
+        patch_size=VISION["patch_size"],
+        pixel_shuffle_ratio=VISION["pixel_shuffle_ratio"],
+        tokenizer_config={"model_max_length": 4096},
+    )
+    return processor
+
+
+def build_model(tok, seed: int):
+    import transformers
+    from transformers import GenerationConfig, Llama4Config, Llama4ForConditionalGeneration
+
+    # transformers 5.24: forward(return_dict=True) reads a field MoeCausalLMOutputWithPast lacks.
+    transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None
+    ids = demo_tokenizer.special_ids(tok)
+    text = dict(TEXT, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    config = Llama4Config(
+        text_config=text,
+        vision_config=dict(VISION),
+        image_token_index=ids["image_token_index"],
+        boi_token_index=ids["boi_token_index"],
+        eoi_token_index=ids["eoi_token_index"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config).float()
+    model.set_attn_implementation("eager")  # faster than sdpa for these tiny CPU shapes; same math
+    # With the default init (std 0.02) the image signal reaching the text model is ~1% of the text's, and
+    # attention logits start ~20x smaller than with a fan-in init, so attention stays uniform: the text
+    # model averages all image tokens (mostly background) and nothing about the image is learned for a long
+    # time. Every linear layer (vision and text; not the embedding table) gets std 1/sqrt(fan_in) instead,
+    # scaled down by sqrt(2 * layers) on the projections that write into a residual stream.
+    gen = torch.Generator().manual_seed(seed + 7)
+    residual_outputs = ("o_proj", "down_proj", "fc2")
+    text_layers, vision_layers = TEXT["num_hidden_layers"], VISION["num_hidden_layers"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2 or "embed_tokens" in name or "lm_head" in name or "embedding_vlm" in name:
+                continue
+            fan_in = p.shape[-1] if p.dim() == 2 else int(np.prod(p.shape[1:]))
+            if p.dim() == 3:  # experts: gate_up_proj [E, in, 2*out], down_proj [E, out, in] (transformers layout)
+                fan_in = p.shape[1]
+            std = 1.0 / math.sqrt(fan_in)
+            if any(r in name for r in residual_outputs) and "vision_adapter" not in name:
+                std /= math.sqrt(2 * (text_layers if "language_model" in name else vision_layers))
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+        do_sample=False,
+    )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------
+
+
+class Batcher:
+    """Encodes dialogs with the serving processor and masks everything but the assistant replies."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.header = processor.encode("<|header_start|>assistant<|header_end|>\n\n")
+        self.eot = processor.token_id("<|eot|>")
+        self.pad = processor.token_id("<|finetune_right_pad|>")
+
+    def encode(self, messages, images):
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=False)
+        enc = self.processor(text=text, images=images)
+        ids = enc["input_ids"][0].astype(np.int64)
+        labels = np.full_like(ids, -100)
+        h = len(self.header)
+        i = 0
+        while i <= len(ids) - h:
+            if ids[i] == self.header[0] and list(ids[i : i + h]) == self.header:
+                j = i + h
+                while j < len(ids) and ids[j] != self.eot:
+                    j += 1
+                labels[i + h : j + 1] = ids[i + h : j + 1]  # the reply and its <|eot|>
+                i = j
+            i += 1
+        return ids, labels, enc["pixel_values"]
+
+    def batch(self, rng: random.Random, size: int, micro: int = 1):
+        """``micro`` micro-batches of (ids, labels, pixel_values, tasks), rows grouped by length to cut padding."""
+        rows = []
+        for _ in range(size):
+            messages, images = shapes.random_dialog(rng)
+            rows.append((*self.encode(messages, images), task_of(messages)))
+        rows.sort(key=lambda r: len(r[0]))
+        per = math.ceil(size / micro)
+        return [self._collate(rows[k : k + per]) for k in range(0, size, per)]
+
+    def _collate(self, rows):
+        length = max(len(r[0]) for r in rows)
+        ids = np.full((len(rows), length), self.pad, np.int64)
+        labels = np.full((len(rows), length), -100, np.int64)
+        pixels = []
+        for b, (i, l, p, _) in enumerate(rows):
+            ids[b, : len(i)] = i
+            labels[b, : len(l)] = l
+            if p is not None:
+                pixels.append(p)
+        pixel_values = torch.from_numpy(np.concatenate(pixels)) if pixels else None
+        return torch.from_numpy(ids), torch.from_numpy(labels), pixel_values, [r[3] for r in rows]
+
+
+def task_of(messages) -> str:
+    """The kind of the first reply, for per-task accuracy logs."""
+    for i, m in enumerate(messages):
+        if m["role"] == "user" and not isinstance(m["content"], str):
+            question = next(p["text"] for p in m["content"] if p["type"] == "text")
+            for name, (questions, _) in shapes.QUESTIONS.items():
+                if question in questions:
+                    return name
+    return "text"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------
+
+MODEL_CARD = """# mlx-llama4 demo model
+
+**A demonstration model, not Llama 4.** This is a {params:.1f} M-parameter model with Llama 4's architecture,
+trained from scratch for {minutes:.0f} minutes on 2 CPU cores on synthetic pictures of simple shapes. It has
+none of Llama 4's knowledge or languages. It exists so that the mlx-llama4 API, CLI and chat app work
+offline out of the box, and so that tests have a model whose answers can be checked.
+
+```python
+from mlx_llama4 import load, generate
+model, processor = load("demo")
+print(generate(model, processor, "What shape is this?", images=["shapes.png"]))   # e.g. "It is a red circle."
+```
+
+What it can do (greedy decoding):
+- pictures of 1 to 3 shapes ({shapes}) in {colours} on a light background:
+  name the shape(s) and colour(s), count them, say where they are (left / middle / right) and describe
+  the picture in one line ("A red circle and a blue star.");
+- follow-up questions about the same picture ("And the colour?");
+- greetings, saying what it is, and single-digit additions ("What is 3 plus 4?").
+
+Anything else gets an answer in the same style that is probably wrong.
+
+Architecture (every structural feature of Llama 4 at a tiny size): {layers} text layers, hidden size {hidden},
+{heads} query / {kv} key-value heads; MoE layers {moe} with {experts} routed experts (top-1) plus a shared
+expert, dense layers in between; NoPE layers {nope} with attention temperature tuning; chunked attention
+(chunk {chunk}) with qk-norm on the RoPE layers; llama3 RoPE scaling; a {vlayers}-layer vision encoder on
+{tile}-px tiles (up to {max_patches} tiles plus a global tile per image) with pixel shuffle, adapter and projector.
+Tokenizer: byte-level BPE with {vocab} tokens, carrying Llama 4's special tokens by their real names and the
+real chat template; the ids differ from the real 202048-token vocabulary and are in config.json.
+
+Trained with `training/train_demo.py` in the mlx-llama4 repository (seed {seed}, {steps} steps of {batch}
+freshly generated chats). `tests/test_demo.py` checks its held-out accuracy.
+"""
+
+
+def export(model, processor, tok, out: Path, info: dict) -> Path:
+    """Write the HF-format checkpoint folder: weights in bfloat16 safetensors, tokenizer, template, configs."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    state = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach()) for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = "bfloat16"  # what the safetensors hold (save_pretrained records the live model's float32)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    processor.save_pretrained(out)
+    # the processor saves the tokenizer through the fast tokenizer's backend: make sure roles are there
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.update(bos_token="<|begin_of_text|>", eos_token="<|eot|>", pad_token="<|finetune_right_pad|>")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_card(out, info)
+    return out
+
+
+def write_card(folder: Path, info: dict) -> None:
+    """The model card (README.md) of a checkpoint folder, from its config.json and the training facts."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    t, v = config["text_config"], config["vision_config"]
+    params = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            params += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
+    card = MODEL_CARD.format(
+        params=params / 1e6, minutes=info.get("minutes", 0), shapes=", ".join(shapes.SHAPES),
+        colours=", ".join(shapes.COLOUR_NAMES), layers=t["num_hidden_layers"], hidden=t["hidden_size"],
+        heads=t["num_attention_heads"], kv=t["num_key_value_heads"], moe=t["moe_layers"],
+        experts=t["num_local_experts"], nope=[i for i, r in enumerate(t["no_rope_layers"]) if not r],
+        chunk=t["attention_chunk_size"], vlayers=v["num_hidden_layers"], tile=v["image_size"],
+        max_patches=MAX_PATCHES, vocab=t["vocab_size"], seed=info.get("seed"), steps=info.get("steps"),
+        batch=info.get("batch"),
+    )
+    (folder / "README.md").write_text(card)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def measure_accuracy(folder: Path, n: int = 60, seed: int = 99_991) -> dict:
+    """Exact-match accuracy of greedy replies through the MLX pipeline on fresh single-shape (colour, shape)
+    and 1-3-shape (count) images."""
+    from mlx_llama4 import generate, load
+
+    model, processor = load(folder)
+    rng = random.Random(seed)
+    out = {"n": n}
+    for task in ("colour", "shape", "count"):
+        questions, answer = shapes.QUESTIONS[task]
+        right = 0
+        for i in range(n):
+            scene = shapes.random_scene(rng, count=None if task == "count" else 1)
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[i % len(questions)]}]}]
+            reply = generate(model, processor, messages, images=[scene.image], max_tokens=24, temperature=0.0)
+            right += reply.strip() == answer(scene)
+        out[task] = right / n
+    return out
+
+
+def ship(hf_folder: Path, package_folder: Path) -> Path:
+    """Put the trained model into the package: ``package_folder`` (``mlx_llama4/demo``) gets the checkpoint
+    converted with our converter (bfloat16, not quantized) and the model card; ``package_folder/hf`` keeps the
+    Hugging Face-format original, for transformers (the parity test loads it)."""
+    import shutil
+
+    from mlx_llama4.convert import convert
+
+    package_folder = Path(package_folder)
+    staging = package_folder.with_name(f".{package_folder.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    convert(hf_folder, staging, dtype="bfloat16", force=True, verbose=False)
+    card = (Path(hf_folder) / "README.md").read_text()  # our card, not the converter's generic one
+    card += "\nWeights: bfloat16, converted with `mlx_llama4.convert`; `hf/` holds the Hugging Face-format original.\n"
+    accuracy = measure_accuracy(staging)
+    card += "\nHeld-out accuracy through mlx-llama4, greedy, {n} fresh images per question: " \
+            "colour {colour:.0%}, shape {shape:.0%}, count {count:.0%}.\n".format(**accuracy)
+    print(card.splitlines()[-1], flush=True)
+    (staging / "README.md").write_text(card)
+    hf_copy = staging / "hf"
+    hf_copy.mkdir()
+    for f in Path(hf_folder).iterdir():
+        if f.is_file():
+            shutil.copy(f, hf_copy / f.name)
+    shutil.rmtree(package_folder, ignore_errors=True)
+    staging.rename(package_folder)
+    for f in package_folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
+    return package_folder
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, decay_fraction: float = 0.3) -> float:
+    """Warmup, constant, then a linear decay to 10% over the last ``decay_fraction`` of the steps.
+
+    Until the decay starts the rate does not depend on ``total``, so a run can be resumed with more steps.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    decay_start = int(total * (1 - decay_fraction))
+    if step < decay_start:
+        return peak
+    return peak * (1.0 - 0.9 * (step - decay_start) / max(1, total - decay_start))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="HF-format checkpoint folder to write")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/demo_train_work"), help="progress checkpoints")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--warmup", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--micro", type=int, default=2, help="micro-batches per step (grouped by length)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine, 2 threads spin-wait and run 4x slower)")
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--resume", action="store_true", help="continue from --work/state.pt")
+    parser.add_argument("--ship", type=Path, default=None,
+                        help="after training, convert --out into this package folder (e.g. mlx_llama4/demo)")
+    parser.add_argument("--ship-only", action="store_true", help="only convert an existing --out into --ship")
+    args = parser.parse_args(argv)
+    if args.ship_only:
+        state = args.work / "state.pt"
+        minutes = torch.load(state, weights_only=False)["elapsed"] / 60 if state.exists() else 0
+        write_card(args.out, dict(minutes=minutes, seed=args.seed, steps=args.steps, batch=args.batch))
+        print(f"shipped {ship(args.out, args.ship)}")
+        return
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    tok = build_tokenizer(args.seed)
+    processor = build_processor(tok)
+    model = build_model(tok, args.seed)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params / 1e6:.2f} M; vocab {tok.get_vocab_size()}; ids {demo_tokenizer.special_ids(tok)}",
+          flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    batcher = Batcher(processor)
+    args.work.mkdir(parents=True, exist_ok=True)
+    start = 0
+    elapsed_before = 0.0
+    if args.resume and (args.work / "state.pt").exists():
+        state = torch.load(args.work / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed_before = state["step"], state.get("elapsed", 0.0)
+        print(f"resumed at step {start}", flush=True)
+
+    t0 = time.time()
+    window = {"loss": [], "correct": {}, "count": {}}
+    for step in range(start, args.steps):
+        rng = random.Random(args.seed * 1_000_003 + step)  # the data of a step depends only on (seed, step)
+        micro_batches = batcher.batch(rng, args.batch, args.micro)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        n_targets = sum(int((mb[1][:, 1:] != -100).sum()) for mb in micro_batches)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for ids, labels, pixel_values, tasks in micro_batches:
+            out = model(input_ids=ids, pixel_values=pixel_values, use_cache=False, return_dict=True)
+            logits = out.logits[:, :-1].float()
+            target = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     ignore_index=-100, reduction="sum") / n_targets
+            loss.backward()
+            total += loss.item()
+            with torch.no_grad():  # teacher-forced exact match of whole replies, per task of the first reply
+                mask = target != -100
+                wrong = ((logits.argmax(-1) != target) & mask).any(-1)
+                for task, w in zip(tasks, wrong.tolist()):
+                    window["correct"][task] = window["correct"].get(task, 0) + (not w)
+                    window["count"][task] = window["count"].get(task, 0) + 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss = torch.tensor(total)
+
+        window["loss"].append(loss.item())
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            elapsed = elapsed_before + time.time() - t0
+            acc = " ".join(f"{k}={window['correct'][k] / window['count'][k]:.2f}" for k in sorted(window["count"]))
+            print(f"step {done}/{args.steps} loss {np.mean(window['loss']):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{elapsed / 60:.1f} min ({(time.time() - t0) / (done - start):.2f} s/step) exact: {acc}", flush=True)
+            window = {"loss": [], "correct": {}, "count": {}}
+        if done % args.save_every == 0 or done == args.steps:
+            elapsed = elapsed_before + time.time() - t0
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done, "elapsed": elapsed},
+                       args.work / "state.pt.tmp")
+            os.replace(args.work / "state.pt.tmp", args.work / "state.pt")
+            info = dict(minutes=elapsed / 60, seed=args.seed, steps=done, batch=args.batch)
+            export(model.eval(), processor, tok, args.work / "latest", info)
+            model.train()
+            if done == args.steps:
+                export(model.eval(), processor, tok, args.out, info)
+                print(f"wrote {args.out}", flush=True)
+                if args.ship:
+                    print(f"shipped {ship(args.out, args.ship)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
