@@ -225,3 +225,31 @@ def test_cli_generate_and_chat(tiny, tmp_path, capsys):
 
     assert main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_load_from_the_hub_then_offline(tiny, tmp_path):
+    """load("owner/repo") through the real huggingface_hub client and a local Hub stand-in; then offline from
+    the cache; a repo that is not cached is a clear error offline."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_stub import HubStub
+
+    _, model, processor, folder = tiny
+    expected = generate(model, processor, "Hi", max_tokens=4)
+    script = ("import sys; from mlx_llama4 import load, generate; m, p = load(sys.argv[1]); "
+              "print('REPLY:' + repr(generate(m, p, 'Hi', max_tokens=4)))")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    run = lambda repo, **extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", script, repo], env=dict(env, **extra), capture_output=True, text=True, timeout=300)
+    with HubStub({"org/tiny": folder}) as hub:
+        online = run("org/tiny", HF_ENDPOINT=hub.url)
+    assert online.returncode == 0, online.stderr[-2000:]
+    assert online.stdout.split("REPLY:", 1)[1].strip() == repr(expected)
+    offline = run("org/tiny", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    assert offline.stdout.split("REPLY:", 1)[1].strip() == repr(expected)
+    missing = run("org/other", HF_HUB_OFFLINE="1")
+    assert missing.returncode != 0 and "org/other: not in the local Hugging Face cache" in missing.stderr
