@@ -181,7 +181,7 @@ def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):  # noqa: 
     page.close()
 
 
-def _scene(path: Path, seed: int) -> Path:
+def _scene(path: Path, seed: int, count: int = 2) -> Path:
     """A picture like those the demo model was trained on (training/shapes.py), else a drawing."""
     try:
         import random
@@ -190,7 +190,7 @@ def _scene(path: Path, seed: int) -> Path:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
         import shapes
 
-        shapes.random_scene(random.Random(seed), count=2).image.save(path)
+        shapes.random_scene(random.Random(seed), count=count).image.save(path)
         return path
     except (ImportError, AttributeError, TypeError):
         return drawing(path, 240, 120, seed)
@@ -199,7 +199,7 @@ def _scene(path: Path, seed: int) -> Path:
 @pytest.mark.skipif(not os.environ.get("MLX_LLAMA4_SCREENSHOT"), reason="set MLX_LLAMA4_SCREENSHOT=docs/app.png "
                     "(and MLX_LLAMA4_APP_MODEL, default demo) to refresh the README screenshot")
 def test_readme_screenshot(browser, app_model, tmp_path):  # noqa: F811
-    """A conversation about a picture of shapes with the demo model, its follow-up using the same picture."""
+    """A greeting, then a question about a picture of shapes, with the demo model."""
     name = os.environ.get("MLX_LLAMA4_APP_MODEL", "demo")
     holder = ModelHolder(DeviceWorker())
     holder.load(name)
@@ -210,8 +210,7 @@ def test_readme_screenshot(browser, app_model, tmp_path):  # noqa: F811
         page.goto(demo.local_url)
         box = page.locator("#message textarea")
         box.wait_for(timeout=30_000)
-        turns = [("Hello!", []), ("Describe the picture.", [_scene(tmp_path / "shapes.png", 7)]),
-                 ("How many are there?", [])]
+        turns = [("Hello!", []), ("How many shapes are there?", [_scene(tmp_path / "shapes.png", 7)])]
         for turn, (question, files) in enumerate(turns):
             box.fill(question)
             if files:
