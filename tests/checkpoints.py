@@ -55,8 +55,9 @@ def text_config(variant: str) -> dict:
     return cfg
 
 
-def build_hf_model(variant: str, seed: int = 0, vision: bool = True):
-    """A float32 transformers model: Llama4ForConditionalGeneration, or Llama4ForCausalLM without vision."""
+def build_hf(text: dict, vision: dict | None, seed: int = 0, special: dict = SMALL_VOCAB_SPECIAL):
+    """A float32 transformers model from config dicts: Llama4ForConditionalGeneration, or Llama4ForCausalLM
+    when ``vision`` is None."""
     import torch
     import transformers
     from transformers import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
@@ -64,13 +65,17 @@ def build_hf_model(variant: str, seed: int = 0, vision: bool = True):
     # transformers 5.24 bug: forward(return_dict=True) reads a field the output class lacks.
     transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None
     torch.manual_seed(seed)
-    if vision:
-        cfg = Llama4Config(text_config=text_config(variant), vision_config=dict(VISION),
-                           tie_word_embeddings=False, **SMALL_VOCAB_SPECIAL)
+    if vision is not None:
+        cfg = Llama4Config(text_config=text, vision_config=dict(vision), tie_word_embeddings=False, **special)
         model = Llama4ForConditionalGeneration(cfg)
     else:
-        model = Llama4ForCausalLM(Llama4TextConfig(**text_config(variant)))
+        model = Llama4ForCausalLM(Llama4TextConfig(**text))
     return model.float().eval()
+
+
+def build_hf_model(variant: str, seed: int = 0, vision: bool = True):
+    """The tiny model of ``variant``, multimodal or text-only."""
+    return build_hf(text_config(variant), VISION if vision else None, seed)
 
 
 def save_hf_model(model, path: Path, **kwargs) -> Path:

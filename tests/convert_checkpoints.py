@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints import SMALL_VOCAB, SMALL_VOCAB_SPECIAL, VISION, text_config
+from checkpoints import SMALL_VOCAB, SMALL_VOCAB_SPECIAL, VISION, build_hf, text_config
 
 WIDE_TEXT = dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                  intermediate_size_mlp=128)
@@ -49,19 +49,7 @@ def wide_text_config(variant: str) -> dict:
 
 def build_wide_hf(variant: str = "scout", seed: int = 0, vision: bool = True):
     """A float32 transformers Llama 4 (multimodal, or text-only ``Llama4ForCausalLM``) with width 64."""
-    import torch
-    import transformers
-    from transformers import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
-
-    transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None  # transformers 5.24 bug
-    torch.manual_seed(seed)
-    if vision:
-        cfg = Llama4Config(text_config=wide_text_config(variant), vision_config=dict(WIDE_VISION),
-                           tie_word_embeddings=False, **SMALL_VOCAB_SPECIAL)
-        model = Llama4ForConditionalGeneration(cfg)
-    else:
-        model = Llama4ForCausalLM(Llama4TextConfig(**wide_text_config(variant)))
-    return model.float().eval()
+    return build_hf(wide_text_config(variant), WIDE_VISION if vision else None, seed)
 
 
 def write_tokenizer(path: Path) -> None:

@@ -3,12 +3,11 @@
 import json
 import shutil
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoints import VISION, build_hf_model, save_hf_model, text_config
+from checkpoints import VISION, build_hf, text_config
 from mlx_llama4 import PromptCache, generate, load, load_prompt_cache, save_prompt_cache, stream_generate
 from tokenizer_util import real_tokenizer_dir
 
@@ -18,15 +17,7 @@ REAL_SPECIAL = dict(image_token_index=200092, boi_token_index=200080, eoi_token_
 
 def _checkpoint(folder, text_overrides, seed=0):
     """A tiny checkpoint with the real vocabulary, the real tokenizer and 56-px tiles (4 tokens each)."""
-    import torch
-    import transformers
-    from transformers import Llama4Config, Llama4ForConditionalGeneration
-
-    transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None
-    torch.manual_seed(seed)
-    text = dict(text_config("maverick"), **REAL_VOCAB, **text_overrides)
-    hf = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=dict(VISION), **REAL_SPECIAL))
-    hf = hf.float().eval()
+    hf = build_hf(dict(text_config("maverick"), **REAL_VOCAB, **text_overrides), VISION, seed, REAL_SPECIAL)
     hf.save_pretrained(folder)
     for f in real_tokenizer_dir().iterdir():
         shutil.copy(f, folder / f.name)
