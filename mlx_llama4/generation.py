@@ -112,8 +112,7 @@ def read_generation_config(path: Path) -> dict:
     return out
 
 
-def _stop_tokens(model: Model, processor: Any) -> set[int]:
-    defaults = getattr(processor, "generation_config", {}) or {}
+def _stop_tokens(model: Model, processor: Any, defaults: dict) -> set[int]:
     return set(processor.eos_token_ids) | set(model.config.text.eos_token_id) | set(defaults.get("eos_token_ids", []))
 
 
@@ -173,7 +172,7 @@ def stream_generate(
     if later:
         embeddings = model.embed(feed[None], mx.array(pixels[first_tiles[later[0]]:]))[0]  # (L, D)
 
-    stops = _stop_tokens(model, processor)
+    stops = _stop_tokens(model, processor, defaults)
     detokenizer = NaiveStreamingDetokenizer(processor.tokenizer)
     steps = generate_step(
         feed, model.language_model, max_tokens=max_tokens,

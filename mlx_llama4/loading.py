@@ -130,10 +130,6 @@ def check_shapes(expected: Mapping[str, Any], found: Mapping[str, Any], source: 
         raise CheckpointError(f"checkpoint {source} does not match its config.json:\n" + "\n".join(problems))
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
-    check_shapes(dict(tree_flatten(model.parameters())), weights, source)
-
-
 def without_absent_vision(config: ModelConfig, names) -> ModelConfig:
     """Text-only when the checkpoint holds no vision tensors at all (mlx-lm writes text-only MLX checkpoints,
     some with the original ``vision_config`` still in config.json)."""
@@ -161,7 +157,7 @@ def load_model(path: str | Path, dtype: Optional[mx.Dtype] = None) -> Model:
     model = Model(config)
     if config.quantization or any(k.endswith(".scales") for k in weights):
         quantize_like_checkpoint(model, config.quantization, weights)
-    check_weights(model, weights, path)
+    check_shapes(dict(tree_flatten(model.parameters())), weights, path)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()))
