@@ -24,11 +24,9 @@ import shapes  # noqa: E402  (the generator the model was trained on; fresh seed
 
 HELD_OUT_SEED = 20_250_607  # training draws step data from seeds 0..steps and the tokenizer corpus from 1
 N_IMAGES = 120
-# Held-out accuracy the shipped model must reach (greedy, exact reply match) through the MLX pipeline.
-# Issue 6 asks colour >= 95%, shape and count >= 90%. The shipped model measures colour 99%, count 99%,
-# shape 66% on these 120 images: shape is held to a regression floor here, and the issue's 90% is an
-# expected failure (test_shape_accuracy_issue_target) until a longer training run reaches it.
-TARGETS = {"colour": 0.95, "shape": 0.60, "count": 0.90}
+# Held-out accuracy the shipped model must reach (greedy, exact reply match) through the MLX pipeline, as
+# issue 6 asks. The shipped model measures about colour 100%, shape 97%, count 100% on these images.
+TARGETS = {"colour": 0.95, "shape": 0.90, "count": 0.90}
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +106,9 @@ def held_out(demo):
 
 
 def test_held_out_accuracy(held_out):
-    """The shipped model reaches TARGETS (colour, count) and the regression floor for shape."""
     accuracy, misses = held_out
     for task, target in TARGETS.items():
         assert accuracy[task] >= target, (task, accuracy, [m for m in misses if m[0] == task][:10])
-
-
-@pytest.mark.xfail(reason="issue 6 asks shape >= 90%; the shipped model (2000 steps, 33 min) reaches ~66%", strict=False)
-def test_shape_accuracy_issue_target(held_out):
-    accuracy, misses = held_out
-    assert accuracy["shape"] >= 0.90, (accuracy, [m for m in misses if m[0] == "shape"][:10])
 
 
 def test_text_skills(demo):

@@ -285,8 +285,8 @@ def image_message(question: str, image_first: bool = True) -> dict:
     return {"role": "user", "content": parts if image_first else parts[::-1]}
 
 
-def random_dialog(rng: random.Random) -> tuple[list[dict], list[Image.Image]]:
-    """(messages with the assistant turns, images) for one training example."""
+def random_dialog(rng: random.Random) -> tuple[list[dict], list[Scene]]:
+    """(messages with the assistant turns, the scenes whose images they show) for one training example."""
     roll = rng.random()
     if roll < 0.10:  # text only, one or two turns
         messages: list[dict] = []
@@ -314,7 +314,7 @@ def random_dialog(rng: random.Random) -> tuple[list[dict], list[Image.Image]]:
         text = rng.choice(FOLLOW_UPS[follow] + QUESTIONS[follow][0])
         messages += [{"role": "user", "content": text},
                      {"role": "assistant", "content": QUESTIONS[follow][1](scene)}]
-    return messages, [scene.image]
+    return messages, [scene]
 
 
 def corpus(rng: random.Random, n: int = 4000) -> list[str]:

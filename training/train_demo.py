@@ -1,6 +1,6 @@
 """Train the bundled demo model: a tiny Llama 4 that talks about pictures of simple shapes.
 
-    # train (about 40 minutes on 2 shared CPU cores), write the HF-format folder, convert it into the package
+    # train (about 45 minutes on 2 shared CPU cores), write the HF-format folder, convert it into the package
     OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf --ship mlx_llama4/demo
     python training/train_demo.py --steps 60 --out /tmp/smoke  # a smoke run
 
@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,10 @@ MAX_PATCHES = 4  # up to 4 tiles (+ the global tile) per image
 
 VISION = dict(
     model_type="llama4_vision_model",
-    hidden_size=96,
-    num_attention_heads=4,  # head_dim 24 (a multiple of 4 for the 2-D RoPE)
-    intermediate_size=384,  # must be hidden_size / pixel_shuffle_ratio**2
-    num_hidden_layers=3,
+    hidden_size=128,
+    num_attention_heads=4,  # head_dim 32 (a multiple of 4 for the 2-D RoPE)
+    intermediate_size=512,  # must be hidden_size / pixel_shuffle_ratio**2
+    num_hidden_layers=4,
     image_size=TILE,
     patch_size=14,
     num_channels=3,
@@ -195,27 +196,86 @@ class Batcher:
         return ids, labels, enc["pixel_values"]
 
     def batch(self, rng: random.Random, size: int, micro: int = 1):
-        """``micro`` micro-batches of (ids, labels, pixel_values, tasks), rows grouped by length to cut padding."""
+        """``micro`` MicroBatches, rows grouped by length to cut padding."""
         rows = []
         for _ in range(size):
-            messages, images = shapes.random_dialog(rng)
-            rows.append((*self.encode(messages, images), task_of(messages)))
+            messages, scenes = shapes.random_dialog(rng)
+            rows.append((*self.encode(messages, [s.image for s in scenes]), task_of(messages), scenes))
         rows.sort(key=lambda r: len(r[0]))
         per = math.ceil(size / micro)
         return [self._collate(rows[k : k + per]) for k in range(0, size, per)]
 
-    def _collate(self, rows):
+    def _collate(self, rows) -> MicroBatch:
         length = max(len(r[0]) for r in rows)
         ids = np.full((len(rows), length), self.pad, np.int64)
         labels = np.full((len(rows), length), -100, np.int64)
-        pixels = []
-        for b, (i, l, p, _) in enumerate(rows):
+        pixels, scenes = [], []
+        for b, (i, l, p, _, row_scenes) in enumerate(rows):
             ids[b, : len(i)] = i
             labels[b, : len(l)] = l
-            if p is not None:
+            if p is not None:  # one image per dialog: its tiles (and the global tile), in prompt order
                 pixels.append(p)
-        pixel_values = torch.from_numpy(np.concatenate(pixels)) if pixels else None
-        return torch.from_numpy(ids), torch.from_numpy(labels), pixel_values, [r[3] for r in rows]
+                scenes += row_scenes
+        return MicroBatch(
+            ids=torch.from_numpy(ids),
+            labels=torch.from_numpy(labels),
+            pixel_values=torch.from_numpy(np.concatenate(pixels)) if pixels else None,
+            tiles=[len(p) for p in pixels],
+            scenes=scenes,
+            tasks=[r[3] for r in rows],
+        )
+
+
+@dataclass
+class MicroBatch:
+    ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L), -100 outside the assistant replies
+    pixel_values: torch.Tensor | None  # (tiles of all images, 3, TILE, TILE)
+    tiles: list[int]  # tiles per image, in pixel_values order
+    scenes: list  # shapes.Scene per image
+    tasks: list[str]  # kind of each row's first reply
+
+
+class ImageProbe(torch.nn.Module):
+    """Training-only heads that read each picture's contents off its projected image tokens.
+
+    The replies reach the vision tower only through a few attention layers, a weak and slow signal: trained
+    on the replies alone, a 3-layer tower learned colour and count (99%) but named the shape of held-out
+    pictures right only 66% of the time (triangles taken for stars, circles for squares), and more steps did
+    not help. These heads give the tower and projector a direct loss: for each of the three left-to-right
+    slots, an attention pooling over the image's tokens (as the text model's attention would read them)
+    feeds classifiers of the shape (or none) and the colour (or none) in that slot. With them (and a 4-layer
+    tower of width 128) shape reaches 98% in the same 2000 steps. They are dropped at export; the shipped
+    model is a plain Llama 4.
+    """
+
+    SLOTS = len(shapes.POSITIONS)
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.where = torch.nn.Linear(dim, self.SLOTS)  # attention logits of each token, per slot
+        self.kind = torch.nn.Linear(dim, len(shapes.SHAPES) + 1)
+        self.colour = torch.nn.Linear(dim, len(shapes.COLOUR_NAMES) + 1)
+
+    def loss(self, features: torch.Tensor, tiles: list[int], scenes: list) -> torch.Tensor:
+        """``features``: (tiles * tokens per tile, dim), the projector output in pixel_values order."""
+        per_image = features.view(sum(tiles), -1, features.shape[-1]).split(tiles)  # [(tiles, tokens, dim)]
+        pooled = []
+        for tokens in per_image:
+            tokens = tokens.reshape(-1, tokens.shape[-1])  # (N, dim)
+            weights = self.where(tokens).softmax(dim=0)  # (N, SLOTS)
+            pooled.append(weights.T @ tokens)  # (SLOTS, dim)
+        pooled = torch.stack(pooled)  # (images, SLOTS, dim)
+        kinds = torch.full((len(scenes), self.SLOTS), len(shapes.SHAPES))
+        colours = torch.full((len(scenes), self.SLOTS), len(shapes.COLOUR_NAMES))
+        for i, scene in enumerate(scenes):
+            for s in scene.shapes:
+                slot = shapes.POSITIONS.index(s.position)
+                kinds[i, slot] = shapes.SHAPES.index(s.kind)
+                colours[i, slot] = shapes.COLOUR_NAMES.index(s.colour)
+        ce = torch.nn.functional.cross_entropy
+        return (ce(self.kind(pooled).flatten(0, 1), kinds.view(-1))
+                + ce(self.colour(pooled).flatten(0, 1), colours.view(-1)))
 
 
 def task_of(messages) -> str:
@@ -264,7 +324,8 @@ Tokenizer: byte-level BPE with {vocab} tokens, carrying Llama 4's special tokens
 real chat template; the ids differ from the real 202048-token vocabulary and are in config.json.
 
 Trained with `training/train_demo.py` in the mlx-llama4 repository (seed {seed}, {steps} steps of {batch}
-freshly generated chats). `tests/test_demo.py` checks its held-out accuracy.
+freshly generated chats; a training-only probe on the image tokens, not shipped, gave the vision encoder a
+direct loss). `tests/test_demo.py` checks its held-out accuracy.
 """
 
 
@@ -389,6 +450,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--micro", type=int, default=2, help="micro-batches per step (grouped by length)")
+    parser.add_argument("--probe-weight", type=float, default=1.0,
+                        help="weight of the training-only image probe loss (see ImageProbe; 0 turns it off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine, 2 threads spin-wait and run 4x slower)")
     parser.add_argument("--save-every", type=int, default=50)
@@ -416,8 +479,12 @@ def main(argv=None):
     print(f"parameters: {n_params / 1e6:.2f} M; vocab {tok.get_vocab_size()}; ids {demo_tokenizer.special_ids(tok)}",
           flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
+    probe = ImageProbe(VISION["projector_output_dim"])
+    projected = []  # the projector's output of the current forward pass, for the probe
+    model.multi_modal_projector.register_forward_hook(lambda module, inputs, output: projected.append(output))
+    params = list(model.named_parameters()) + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+    decay = [p for n, p in params if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in params if not (p.dim() >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     batcher = Batcher(processor)
@@ -427,49 +494,57 @@ def main(argv=None):
     if args.resume and (args.work / "state.pt").exists():
         state = torch.load(args.work / "state.pt", weights_only=False)
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["opt"])
         start, elapsed_before = state["step"], state.get("elapsed", 0.0)
         print(f"resumed at step {start}", flush=True)
 
     t0 = time.time()
-    window = {"loss": [], "correct": {}, "count": {}}
+    window = {"loss": [], "probe": [], "correct": {}, "count": {}}
     for step in range(start, args.steps):
         rng = random.Random(args.seed * 1_000_003 + step)  # the data of a step depends only on (seed, step)
         micro_batches = batcher.batch(rng, args.batch, args.micro)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        n_targets = sum(int((mb[1][:, 1:] != -100).sum()) for mb in micro_batches)
+        n_targets = sum(int((mb.labels[:, 1:] != -100).sum()) for mb in micro_batches)
+        n_images = sum(len(mb.scenes) for mb in micro_batches)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for ids, labels, pixel_values, tasks in micro_batches:
-            out = model(input_ids=ids, pixel_values=pixel_values, use_cache=False, return_dict=True)
+        total = probe_total = 0.0
+        for mb in micro_batches:
+            projected.clear()
+            out = model(input_ids=mb.ids, pixel_values=mb.pixel_values, use_cache=False, return_dict=True)
             logits = out.logits[:, :-1].float()
-            target = labels[:, 1:]
+            target = mb.labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                      ignore_index=-100, reduction="sum") / n_targets
-            loss.backward()
             total += loss.item()
+            if mb.scenes and args.probe_weight:
+                probe_loss = probe.loss(projected[0], mb.tiles, mb.scenes) * len(mb.scenes) / n_images
+                probe_total += probe_loss.item()
+                loss = loss + args.probe_weight * probe_loss
+            loss.backward()
             with torch.no_grad():  # teacher-forced exact match of whole replies, per task of the first reply
                 mask = target != -100
                 wrong = ((logits.argmax(-1) != target) & mask).any(-1)
-                for task, w in zip(tasks, wrong.tolist()):
+                for task, w in zip(mb.tasks, wrong.tolist()):
                     window["correct"][task] = window["correct"].get(task, 0) + (not w)
                     window["count"][task] = window["count"].get(task, 0) + 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
-        loss = torch.tensor(total)
 
-        window["loss"].append(loss.item())
+        window["loss"].append(total)
+        window["probe"].append(probe_total)
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             elapsed = elapsed_before + time.time() - t0
             acc = " ".join(f"{k}={window['correct'][k] / window['count'][k]:.2f}" for k in sorted(window["count"]))
-            print(f"step {done}/{args.steps} loss {np.mean(window['loss']):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{elapsed / 60:.1f} min ({(time.time() - t0) / (done - start):.2f} s/step) exact: {acc}", flush=True)
-            window = {"loss": [], "correct": {}, "count": {}}
+            print(f"step {done}/{args.steps} loss {np.mean(window['loss']):.4f} probe {np.mean(window['probe']):.3f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min ({(time.time() - t0) / (done - start):.2f} s/step) exact: {acc}", flush=True)
+            window = {"loss": [], "probe": [], "correct": {}, "count": {}}
         if done % args.save_every == 0 or done == args.steps:
             elapsed = elapsed_before + time.time() - t0
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done, "elapsed": elapsed},
+            torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict(),
+                        "step": done, "elapsed": elapsed},
                        args.work / "state.pt.tmp")
             os.replace(args.work / "state.pt.tmp", args.work / "state.pt")
             info = dict(minutes=elapsed / 60, seed=args.seed, steps=done, batch=args.batch)
