@@ -135,7 +135,8 @@ def stream_generate(
     prefill_step_size: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[GenerationChunk]:
-    """Stream the reply to ``prompt``: a string (one user turn) or chat messages in the Hugging Face format.
+    """Stream the reply to ``prompt``: a string (one user turn, after ``images`` if any) or chat messages in the
+    Hugging Face format, whose image parts without an inline image take ``images`` in order.
 
     Sampling defaults come from the checkpoint's ``generation_config.json`` (temperature 0 = greedy when it
     has none). With ``prompt_cache`` only the tokens after the longest reusable prefix are fed, and the cache
@@ -150,8 +151,9 @@ def stream_generate(
     top_k = defaults.get("top_k", 0) if top_k is None else top_k
     if seed is not None:
         mx.random.seed(seed)
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, str):  # one user turn: the images (if any) first, then the text
+        parts = [{"type": "image"} for _ in images or ()]
+        prompt = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}] if parts else prompt}]
     inputs = processor(messages=list(prompt), images=list(images) if images else None)
     ids = np.asarray(inputs["input_ids"])[0]
     pixels = inputs["pixel_values"]

@@ -67,7 +67,10 @@ def test_greedy_tokens_match_transformers(tiny, with_image):
     assert last.finish_reason in ("stop", "length") and all(c.finish_reason is None for c in chunks[:-1])
     assert last.prompt_tokens == inputs["input_ids"].shape[1] and last.generation_tokens == len(tokens)
     assert last.time_to_first_token > 0 and last.peak_memory > 0
-    assert generate(model, processor, messages, images=images, max_tokens=45) == "".join(c.text for c in chunks)
+    text = "".join(c.text for c in chunks)
+    assert generate(model, processor, messages, images=images, max_tokens=45) == text
+    if with_image:  # a string prompt is one user turn with the images before the text
+        assert generate(model, processor, "What is this?", images=images, max_tokens=45) == text
 
 
 def test_max_tokens_and_length_reason(tiny):
@@ -187,8 +190,8 @@ def test_errors(tiny, tmp_path):
             list(stream_generate(model, processor, "a rather long prompt " * 5))
     finally:
         model.config.text.max_position_embeddings = saved
-    with pytest.raises(ValueError, match="images"):
-        generate(model, processor, "no placeholder here", images=[_image()])
+    with pytest.raises(ValueError, match="0 image parts .* but 1 images"):
+        generate(model, processor, [{"role": "user", "content": "no image part"}], images=[_image()])
 
 
 def test_cli_generate_and_chat(tiny, tmp_path, capsys):
