@@ -8,8 +8,8 @@ Everything is generated on the fly from a ``random.Random`` (seeded by the calle
   are well defined;
 - a chat in the Hugging Face message format asking, in several phrasings, for the shape, the colour, the
   count, the position or a one-line description, with short deterministic answers that tests can check by
-  string matching; plus text-only skills (greetings, what the model is, small additions) and multi-turn
-  follow-ups.
+  string matching; plus text-only skills (greetings, what the model is, small additions), multi-turn
+  follow-ups, and chats that show a second picture later on (questions are about the newest).
 
 The answer strings are the contract with ``tests/test_demo.py``: :func:`shape_answer`, :func:`colour_answer`,
 :func:`count_answer`, :func:`position_answer` and :func:`describe_answer` give them.
@@ -286,7 +286,11 @@ def image_message(question: str, image_first: bool = True) -> dict:
 
 
 def random_dialog(rng: random.Random) -> tuple[list[dict], list[Scene]]:
-    """(messages with the assistant turns, the scenes whose images they show) for one training example."""
+    """(messages with the assistant turns, the scenes whose images they show) for one training example.
+
+    Questions are about the latest picture: one chat in five shows a second picture after the first one's
+    questions, so that the model learns to answer about the newest image rather than an earlier one.
+    """
     roll = rng.random()
     if roll < 0.10:  # text only, one or two turns
         messages: list[dict] = []
@@ -294,27 +298,35 @@ def random_dialog(rng: random.Random) -> tuple[list[dict], list[Scene]]:
             q, a = text_turn(rng)
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return messages, []
-    scene = random_scene(rng)
-    tasks = list(QUESTIONS)
-    weights = (3, 2, 3, 1.5, 2)
-    first = rng.choices(tasks, weights)[0]
-    questions, answer = QUESTIONS[first]
     messages = []
     if rng.random() < 0.05:
         messages.append({"role": "system", "content": rng.choice(("You are a helpful assistant.", "Be brief."))})
     if rng.random() < 0.05:
         q, a = text_turn(rng)
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    messages += [image_message(rng.choice(questions), rng.random() < 0.85),
-                 {"role": "assistant", "content": answer(scene)}]
-    # follow-ups about the same image: several answers per image make the (costly) image tokens pay off
+    scenes = [random_scene(rng)]
+    messages += _image_turns(rng, scenes[0], rng.choice((0, 1, 2, 2, 3, 3, 4)))
+    if rng.random() < 0.2:
+        scenes.append(random_scene(rng))
+        messages += _image_turns(rng, scenes[1], rng.choice((0, 1, 2)))
+    return messages, scenes
+
+
+def _image_turns(rng: random.Random, scene: Scene, follow_ups: int) -> list[dict]:
+    """A question about a new picture of ``scene`` and its answer, then ``follow_ups`` text-only questions
+    about it (several answers per image make the costly image tokens pay off)."""
+    tasks = list(QUESTIONS)
+    first = rng.choices(tasks, (3, 2, 3, 1.5, 2))[0]
+    questions, answer = QUESTIONS[first]
+    messages = [image_message(rng.choice(questions), rng.random() < 0.85),
+                {"role": "assistant", "content": answer(scene)}]
     others = [t for t in tasks if t != first]
     rng.shuffle(others)
-    for follow in others[: rng.choice((0, 1, 2, 2, 3, 3, 4))]:
+    for follow in others[:follow_ups]:
         text = rng.choice(FOLLOW_UPS[follow] + QUESTIONS[follow][0])
         messages += [{"role": "user", "content": text},
                      {"role": "assistant", "content": QUESTIONS[follow][1](scene)}]
-    return messages, [scene]
+    return messages
 
 
 def corpus(rng: random.Random, n: int = 4000) -> list[str]:
