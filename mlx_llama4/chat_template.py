@@ -305,6 +305,13 @@ def _image_part_source(part: Mapping) -> tuple[bool, Any]:
     return True, None
 
 
+def user_turn(text: str, images: int = 0) -> dict:
+    """One user message: ``images`` image parts (their images given separately), then the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}]}
+
+
 def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:
     """Normalise chat messages for the template and collect their images in order.
 

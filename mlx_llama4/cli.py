@@ -44,11 +44,11 @@ def _stream(chunks, out) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from . import load, stream_generate
+    from .chat_template import user_turn
 
     model, processor = load(args.model, revision=args.revision)
-    content = [{"type": "image"} for _ in args.image] + [{"type": "text", "text": args.prompt}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": content}
+        user_turn(args.prompt, len(args.image))
     ]
     _stream(stream_generate(model, processor, messages, images=args.image, **_sampling(args)), sys.stdout)
     return 0

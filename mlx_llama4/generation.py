@@ -24,6 +24,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import ChunkCache, QuantizedChunkCache, can_trim_cache, trim_cache
+from .images import tile_count
 from .model import Model
 
 DEFAULT_MAX_TOKENS = 256
@@ -86,8 +87,8 @@ def _image_keys(ids: np.ndarray, pixel_values: Optional[np.ndarray], grids: list
     keys = ids.astype(np.int64).copy()
     positions = np.flatnonzero(ids == image_token)
     spans, first_tiles, tile, at = [], [], 0, 0
-    for rows, cols in grids:
-        tiles = rows * cols + (1 if rows * cols > 1 else 0)  # plus the global tile
+    for grid in grids:
+        tiles = tile_count(grid)
         n = tiles * per_tile
         digest = hashlib.sha1(np.ascontiguousarray(pixel_values[tile : tile + tiles]).tobytes()).digest()
         keys[positions[at : at + n]] = -1 - (int.from_bytes(digest[:7], "little"))
@@ -151,10 +152,8 @@ def stream_generate(
     top_k = defaults.get("top_k", 0) if top_k is None else top_k
     if seed is not None:
         mx.random.seed(seed)
-    if isinstance(prompt, str):  # one user turn: the images (if any) first, then the text
-        parts = [{"type": "image"} for _ in images or ()]
-        prompt = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}] if parts else prompt}]
-    inputs = processor(messages=list(prompt), images=list(images) if images else None)
+    inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt),
+                       images=list(images) if images else None)
     ids = np.asarray(inputs["input_ids"])[0]
     pixels = inputs["pixel_values"]
     per_tile = model.config.vision.tokens_per_tile if model.config.vision else 0

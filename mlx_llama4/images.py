@@ -412,6 +412,12 @@ def tile_grid(image_hw: tuple[int, int], settings: ImageSettings = ImageSettings
     return canvas_h // settings.size, canvas_w // settings.size
 
 
+def tile_count(grid: tuple[int, int]) -> int:
+    """Tiles fed to the vision encoder for a (rows, cols) grid: the grid's, plus the global tile if several."""
+    rows, cols = grid
+    return rows * cols + (rows * cols > 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Pixels (reference section 3.1, steps 4-8)
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .chat_template import (
     load_chat_template,
     render_chat_template,
     split_messages,
+    user_turn,
 )
 from .images import DEFAULT_MAX_PIXELS, ImageInput, ImageSettings, preprocess_images
 
@@ -331,7 +332,8 @@ class Processor:
         """Token ids (and pixel values) for a prompt.
 
         Give either ``text`` (already-formatted prompt text with one ``<|image|>`` per image) or
-        ``messages`` (rendered with the chat template; a list passed as ``text`` counts as messages).
+        ``messages`` (rendered with the chat template; a list passed as ``text`` counts as messages; a string
+        is one user turn with the ``images`` before its text).
         Images come from ``images`` in order and/or inline in message parts
         (``{"type": "image", "image": ...}``, ``"image_url"``, ``"url"``, ``"path"``).
         """
@@ -342,6 +344,8 @@ class Processor:
         if text is not None and messages is not None:
             raise ProcessorError("give either text or messages, not both")
         given = self._image_list(images)
+        if isinstance(messages, str):  # one user turn, after the images
+            messages = [user_turn(messages, len(given))]
         if messages is not None:
             plain, inline = split_messages(messages)
             text = self._render(plain, add_generation_prompt, **template_kwargs)

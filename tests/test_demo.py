@@ -35,10 +35,8 @@ def demo():
 
 
 def _ask(model, processor, question, image=None, max_tokens=24):
-    content = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
     images = [image] if image is not None else None
-    return generate(model, processor, [{"role": "user", "content": content}], images=images,
-                    max_tokens=max_tokens, temperature=0.0).strip()
+    return generate(model, processor, question, images=images, max_tokens=max_tokens, temperature=0.0).strip()
 
 
 def _scenes(seed, n, count=None):
@@ -79,8 +77,7 @@ def test_prompt_uses_multi_tile_layout(demo):
     _, processor = demo
     scene = shapes.random_scene(random.Random(3), count=2)
     image = scene.image.resize((300, 140))
-    inputs = processor(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-                       images=[image])
+    inputs = processor(messages=[shapes.image_message("Hi")], images=[image])
     assert inputs["grids"][0] != (1, 1) and inputs["pixel_values"].shape[0] > 1
 
 
@@ -127,7 +124,7 @@ def test_follow_up_about_the_same_image(demo):
     right = 0
     for _ in range(5):
         scene = shapes.random_scene(rng, count=1)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]},
+        messages = [shapes.image_message("What shape is this?"),
                     {"role": "assistant", "content": shapes.shape_answer(scene)},
                     {"role": "user", "content": "And the colour?"}]
         reply = generate(model, processor, messages, images=[scene.image], max_tokens=16, temperature=0.0)
@@ -143,9 +140,9 @@ def test_answers_about_the_newest_of_two_pictures(demo):
     for i in range(10):
         first, second = shapes.random_scene(rng, count=1), shapes.random_scene(rng, count=1)
         questions, answer = shapes.QUESTIONS[("shape", "colour")[i % 2]]
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[0]}]},
+        messages = [shapes.image_message(questions[0]),
                     {"role": "assistant", "content": answer(first)},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[1]}]}]
+                    shapes.image_message(questions[1])]
         reply = generate(model, processor, messages, images=[first.image, second.image], max_tokens=16,
                          temperature=0.0)
         right += reply.strip() == answer(second)
@@ -169,7 +166,7 @@ def test_greedy_tokens_match_transformers(demo):
     for i in range(20):
         scene = shapes.random_scene(rng)
         questions, _ = shapes.QUESTIONS[tasks[i % len(tasks)]]
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rng.choice(questions)}]}]
+        messages = [shapes.image_message(rng.choice(questions))]
         inputs = processor(messages=messages, images=[scene.image])
         ids = torch.from_numpy(np.asarray(inputs["input_ids"])).long()
         with torch.no_grad():

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlx_llama4.images import tile_count
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -181,7 +183,7 @@ class Batcher:
     def encode(self, messages, images):
         text = self.processor.apply_chat_template(messages, add_generation_prompt=False)
         enc = self.processor(text=text, images=images)
-        tiles = [rows * cols + (rows * cols > 1) for rows, cols in enc["grids"]]  # the global tile, if any
+        tiles = [tile_count(grid) for grid in enc["grids"]]
         ids = enc["input_ids"][0].astype(np.int64)
         labels = np.full_like(ids, -100)
         h = len(self.header)
@@ -391,8 +393,8 @@ def measure_accuracy(folder: Path, n: int = 60, seed: int = 99_991) -> dict:
         right = 0
         for i in range(n):
             scene = shapes.random_scene(rng, count=None if task == "count" else 1)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[i % len(questions)]}]}]
-            reply = generate(model, processor, messages, images=[scene.image], max_tokens=24, temperature=0.0)
+            reply = generate(model, processor, questions[i % len(questions)], images=[scene.image], max_tokens=24,
+                             temperature=0.0)
             right += reply.strip() == answer(scene)
         out[task] = right / n
     return out
