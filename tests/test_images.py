@@ -1,4 +1,4 @@
-"""Image loading and tiling (mlx_llama4.images) against the reference (llama4-reference.md section 3.1).
+"""Image loading and tiling (mlx_llama4.images) against Meta's and transformers' image preprocessing.
 
 Independent checks: a table of published sizes (canvas, grid, resized size, tiles, <|patch|> and prompt token
 counts; the token counts also from transformers' Llama4Processor), pixels computed by hand with PIL + numpy,
@@ -75,7 +75,7 @@ def by_hand(image: Image.Image, canvas_hw, resized_hw, grid) -> np.ndarray:
     return np.stack(tiles)
 
 
-# ---- canvases and the table of section 3.1 ---------------------------------------------------------
+# ---- canvases and the table of published sizes ------------------------------------------------------
 
 
 def test_candidate_canvases():
@@ -101,7 +101,7 @@ TABLE = [
     (100, 2000, False, (2016, 336), (6, 1), (2000, 100), 7, 1008, 1017),
     (640, 480, True, (1008, 1344), (3, 4), (1008, 1344), 13, 1872, 1887),
     (336, 336, True, (1344, 1344), (4, 4), (1344, 1344), 17, 2448, 2467),
-    # extreme aspect ratios and sizes (worked out from the rules of section 3.1)
+    # extreme aspect ratios and sizes (worked out from the rules of Meta's preprocess.py)
     (1, 1, False, (336, 336), (1, 1), (336, 336), 1, 144, 147),
     (5000, 1, False, (336, 5040), (1, 15), (1, 5000), 16, 2304, 2322),  # 15 tiles are enough
     (1, 5000, False, (5040, 336), (15, 1), (5000, 1), 16, 2304, 2322),
