@@ -1,7 +1,9 @@
 """Tiny random Llama 4 checkpoints built with transformers, the reference implementation.
 
 Every structural feature stays (MoE and dense layers, NoPE layers, chunked attention, qk-norm, temperature
-tuning with a small floor_scale, llama3 scaling, the vision tower) at sizes that run in milliseconds.
+tuning with a small floor_scale, llama3 scaling with and without its smooth band, the vision tower) at sizes
+that run in milliseconds. ``build_hf_model`` rescales the text weights (``scale_text_weights``) so that each of
+these mechanisms moves the logits far beyond float32 rounding.
 """
 
 from __future__ import annotations
@@ -32,21 +34,32 @@ _TEXT = dict(
     max_position_embeddings=4096, attention_bias=False, tie_word_embeddings=False, **SMALL_VOCAB,
 )
 
+# Relative error (max |ours - reference| / max |reference|) allowed on float32 text logits. With the scaled
+# weights float32 rounding measures 1e-6 to 2.1e-6; every planted porting mistake measures 2.7e-5 or more.
+PARITY = 1e-5
+
 # name -> overrides of the text config
 VARIANTS = {
     # all layers MoE, qk-norm, llama3 scaling
     "scout": dict(),
     # dense even layers, MoE odd layers, no qk-norm, plain RoPE
     "maverick": dict(interleave_moe_layer_step=2, use_qk_norm=False, rope_scaling=None),
-    # NoPE layers not every 4th, top-2 routing, explicit MoE layers, chunk size 5
+    # NoPE layers not every 4th, top-2 routing, explicit MoE layers, chunk size 5; llama3 scaling whose smooth
+    # band [256 / 4, 256 / 1] holds one of the four wavelengths (6.3, 167, 4443, 118143), one below it is kept
+    # and two above it are divided by the factor
     "irregular": dict(
         num_hidden_layers=6, no_rope_layers=[1, 0, 1, 1, 0, 1], num_experts_per_tok=2, attention_chunk_size=5,
         moe_layers=[0, 2, 3, 5], rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                   high_freq_factor=4.0, original_max_position_embeddings=64),
+                                                   high_freq_factor=4.0, original_max_position_embeddings=256),
     ),
     # no chunking: RoPE layers attend globally too
     "unchunked": dict(attention_chunk_size=None),
 }
+
+# Gain of the q/k projections of RoPE layers with qk-norm (default 1). Scout's are tiny (q and k of RMS ~3e-3,
+# mean square ~ rms_norm_eps) so that the qk-norm's eps changes the output: at RMS 1 an eps of 1e-6 instead of
+# 1e-5 moves the logits by only ~3e-5.
+QK_NORM_GAIN = {"scout": 3e-3}
 
 
 def text_config(variant: str) -> dict:
@@ -59,11 +72,8 @@ def build_hf(text: dict, vision: dict | None, seed: int = 0, special: dict = SMA
     """A float32 transformers model from config dicts: Llama4ForConditionalGeneration, or Llama4ForCausalLM
     when ``vision`` is None."""
     import torch
-    import transformers
     from transformers import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
 
-    # transformers 5.24 bug: forward(return_dict=True) reads a field the output class lacks.
-    transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None
     torch.manual_seed(seed)
     if vision is not None:
         cfg = Llama4Config(text_config=text, vision_config=dict(vision), tie_word_embeddings=False, **special)
@@ -73,9 +83,47 @@ def build_hf(text: dict, vision: dict | None, seed: int = 0, special: dict = SMA
     return model.float().eval()
 
 
-def build_hf_model(variant: str, seed: int = 0, vision: bool = True):
-    """The tiny model of ``variant``, multimodal or text-only."""
-    return build_hf(text_config(variant), VISION if vision else None, seed)
+def scale_text_weights(model, seed: int, qk_norm_gain: float = 1.0):
+    """Redraw the text weights of a transformers Llama 4 at gains where every mechanism shows in the logits.
+
+    transformers' init (std 0.02, norms at 1) leaves attention uniform and the experts near-linear and tiny
+    next to the residual, so a wrong temperature, RoPE layout, chunk boundary or expert-score placement moves
+    the logits by less than float32 rounding. Here: embeddings of unit RMS, unit-gain linears, norm weights
+    1 + 0.2 noise, q and k of NoPE and un-normed layers at gain 2 (peaked attention), router at gain 2 (sigmoid
+    scores spread over (0, 1)), q and k of qk-normed layers at ``qk_norm_gain``. The vision tower is left
+    as it is. Returns the model."""
+    import torch
+
+    cfg = model.config.get_text_config()
+    qk_normed = [bool(r) and cfg.use_qk_norm for r in cfg.no_rope_layers]  # no_rope_layers[i] == 1: RoPE layer
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("vision_model.", "multi_modal_projector.")):
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # (E, in, out)
+                p.copy_(noise / p.shape[1] ** 0.5)
+            else:  # nn.Linear (out, in)
+                gain = 1.0
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    layer = int(name.split("layers.")[1].split(".")[0])
+                    gain = qk_norm_gain if qk_normed[layer] else 2.0
+                elif name.endswith("router.weight"):
+                    gain = 2.0
+                p.copy_(gain * noise / p.shape[1] ** 0.5)
+    return model
+
+
+def build_hf_model(variant: str, seed: int = 0, vision: bool = True, **text_overrides):
+    """The tiny model of ``variant`` (text config fields overridden by ``text_overrides``), multimodal or
+    text-only, with text weights from ``scale_text_weights``."""
+    model = build_hf(dict(text_config(variant), **text_overrides), VISION if vision else None, seed)
+    return scale_text_weights(model, seed + 1000, QK_NORM_GAIN.get(variant, 1.0))
 
 
 def save_hf_model(model, path: Path, **kwargs) -> Path:

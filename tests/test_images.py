@@ -1,9 +1,9 @@
-"""Image loading and tiling (mlx_llama4.images) against the reference (llama4-reference.md section 3.1).
+"""Image loading and tiling (mlx_llama4.images) against Meta's and transformers' image preprocessing.
 
-Independent checks: the table of section 3.1 (verified there against Meta and transformers), pixels
-computed by hand with PIL + numpy, Meta's own VariableSizeImageTransform (run with thin torchvision
-stand-ins, see tokenizer_util.meta_reference), and transformers' Llama4ImageProcessor when torchvision is
-importable (it is not on the CI machine).
+Independent checks: a table of published sizes (canvas, grid, resized size, tiles, <|patch|> and prompt token
+counts; the token counts also from transformers' Llama4Processor), pixels computed by hand with PIL + numpy,
+Meta's own VariableSizeImageTransform (run with thin torchvision stand-ins, see tokenizer_util.meta_reference),
+and transformers' Llama4ImageProcessor when torchvision is importable (it is not on the CI machine).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from mlx_llama4.images import (  # noqa: E402
     preprocess_image,
     preprocess_images,
     resized_size,
+    tile_count,
     tile_grid,
 )
+from mlx_llama4.processor import image_token_count  # noqa: E402
 
 S = 336
 N = 144  # <|patch|> tokens per tile
@@ -48,9 +50,13 @@ def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def prompt_tokens(grid: tuple[int, int]) -> int:
-    rows, cols = grid
-    return N + 3 if rows * cols == 1 else 145 * rows * cols + 147
+def transformers_image_tokens(grid: tuple[int, int]) -> list[str]:
+    """An image's prompt tokens as transformers' Llama4Processor writes them (its ``_prompt_split_image``)."""
+    import re
+
+    from transformers.models.llama4.processing_llama4 import Llama4Processor
+
+    return re.findall(r"<\|[a-z_]+\|>", Llama4Processor._prompt_split_image(None, grid, N))
 
 
 def by_hand(image: Image.Image, canvas_hw, resized_hw, grid) -> np.ndarray:
@@ -69,7 +75,7 @@ def by_hand(image: Image.Image, canvas_hw, resized_hw, grid) -> np.ndarray:
     return np.stack(tiles)
 
 
-# ---- canvases and the table of section 3.1 ---------------------------------------------------------
+# ---- canvases and the table of published sizes ------------------------------------------------------
 
 
 def test_candidate_canvases():
@@ -95,7 +101,7 @@ TABLE = [
     (100, 2000, False, (2016, 336), (6, 1), (2000, 100), 7, 1008, 1017),
     (640, 480, True, (1008, 1344), (3, 4), (1008, 1344), 13, 1872, 1887),
     (336, 336, True, (1344, 1344), (4, 4), (1344, 1344), 17, 2448, 2467),
-    # extreme aspect ratios and sizes (worked out from the rules of section 3.1)
+    # extreme aspect ratios and sizes (worked out from the rules of Meta's preprocess.py)
     (1, 1, False, (336, 336), (1, 1), (336, 336), 1, 144, 147),
     (5000, 1, False, (336, 5040), (1, 15), (1, 5000), 16, 2304, 2322),  # 15 tiles are enough
     (1, 5000, False, (5040, 336), (15, 1), (5000, 1), 16, 2304, 2322),
@@ -113,9 +119,10 @@ def test_table(width, height, max_canvas, canvas, grid, resized, tiles, patches,
     assert got_canvas == canvas
     assert tile_grid((height, width), settings) == grid
     assert resized_size((height, width), canvas, S, max_canvas) == resized
-    assert tiles == grid[0] * grid[1] + (grid[0] * grid[1] > 1)
-    assert patches == tiles * N
-    assert prompt == prompt_tokens(grid)
+    assert tile_count(grid) == tiles
+    assert image_token_count(grid, N) == prompt
+    hf_tokens = transformers_image_tokens(grid)
+    assert (len(hf_tokens), hf_tokens.count("<|patch|>")) == (prompt, patches)
     if width * height <= 4_000_000:  # pixels for all but the largest (its grid is checked above)
         out = preprocess_image(Image.new("RGB", (width, height), (90, 160, 30)), settings)
         assert out.grid == grid and out.num_tiles == tiles
@@ -224,7 +231,7 @@ def test_canvas_and_size_against_meta(width, height):
 
 def test_against_transformers_image_processor():
     """transformers' Llama4ImageProcessor (bf16, torchvision antialias): needs torchvision, else skipped."""
-    pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision", reason="torchvision is optional (not installable beside torch 2.13)")
     try:
         from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
     except Exception as exc:  # a torchvision that does not load next to this torch

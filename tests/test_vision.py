@@ -1,24 +1,23 @@
 """Vision tower and multimodal merge vs Hugging Face transformers on a tiny checkpoint (float32).
 
-The tiny checkpoint is the reference's TINY config (section 6) with the small vocabulary (1024; image token
-1020). transformers initialises every vision LayerNorm to (1, 0) and every vision bias to 0, which would hide
-mistakes in those tensors, so the fixture perturbs them before saving.
+The tiny checkpoint (56-px tiles of 4 patches, hidden 16) has the small vocabulary (1024; image token 1020).
+transformers initialises every vision LayerNorm to (1, 0) and every vision bias to 0, which would hide mistakes
+in those tensors, so the fixture perturbs them before saving.
 """
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
+import torch
+from mlx.utils import tree_flatten
 
-mx = pytest.importorskip("mlx.core")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import mlx_llama4  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-from mlx_llama4.config import ModelConfig  # noqa: E402
-from mlx_llama4.model import Model  # noqa: E402
-from mlx_llama4.vision import patchify, pixel_shuffle, vision_rope_angles  # noqa: E402
+import mlx_llama4
+from checkpoints import rel_err
+from mlx_llama4.config import ModelConfig
+from mlx_llama4.model import Model
+from mlx_llama4.vision import patchify, pixel_shuffle, vision_rope_angles
 
 IMAGE_TOKEN, BOI, EOI, BOS = 1020, 1010, 1011, 1000
 
@@ -49,12 +48,6 @@ TOKENS_PER_TILE = 4  # (56/14)^2 patches * 0.5^2
 TOL = 1e-4
 
 
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
 def tiles(n: int, seed: int) -> torch.Tensor:
     """Random tiles in the processor's [-1, 1] range, (n, 3, 56, 56) float32."""
     g = torch.Generator().manual_seed(seed)
@@ -66,8 +59,6 @@ def hf_ckpt(tmp_path_factory):
     """(HF model, checkpoint folder) for the tiny multimodal config."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    # transformers 5.24: forward(return_dict=True) reads a missing attribute (reference section 6, pitfall 1).
-    transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None
     torch.manual_seed(0)
     model = Llama4ForConditionalGeneration(Llama4Config(**TINY)).float().eval()
     g = torch.Generator().manual_seed(1)
@@ -99,7 +90,7 @@ def hf(hf_ckpt):
 
 @pytest.fixture(scope="module")
 def ours(hf_ckpt):
-    return mlx_llama4.load_model(hf_ckpt[1])
+    return mlx_llama4.load_model(hf_ckpt[1], dtype=mx.float32)
 
 
 def hf_features(hf_model, px: torch.Tensor) -> np.ndarray:
