@@ -82,6 +82,9 @@ GOLDEN = [
     ('Use a list like [1, 2, 3] or {"a": 1}; see [the docs](https://x.y), [see(this)] and [].', None,
      'Use a list like [1, 2, 3] or {"a": 1}; see [the docs](https://x.y), [see(this)] and [].', []),
     ('[get_weather("Paris")]', None, '[get_weather("Paris")]', []),
+    ("[get_weather(city=Paris)]", None, "[get_weather(city=Paris)]", []),  # a variable, not a literal
+    ('{"name": "get_weather", "parameters": {"city": paris}}', None,
+     '{"name": "get_weather", "parameters": {"city": paris}}', []),
     ('{"name": "Alice", "age": 3}', None, '{"name": "Alice", "age": 3}', []),
     ("x < y, a <|b and [c] {d}\n", None, "x < y, a <|b and [c] {d}\n", []),
     # Cut by max_tokens inside a call: content.
@@ -232,7 +235,8 @@ def test_function_specs_accept_names_openai_and_flat_specs():
 
 
 def test_tool_call_schema():
-    tools = [WEATHER, {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}]
+    time = {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}
+    tools = [WEATHER, time]
     required = tool_call_schema(tools)
     assert [option["properties"]["name"] for option in required["anyOf"]] == [{"const": "get_weather"},
                                                                               {"const": "get_time"}]
