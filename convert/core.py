@@ -32,10 +32,11 @@ from mlx.utils import tree_flatten
 from mlx_llama4.config import ConfigError, ModelConfig, read_config_json
 from mlx_llama4.loading import check_shapes, quantize_like_checkpoint, without_absent_vision
 from mlx_llama4.model import Model
+from mlx_llama4.safetensors_reader import CheckpointReader
 from mlx_llama4.weights import CheckpointError, Entry, TensorInfo, plan_layout
 
 from .policy import QuantPolicy, QuantSpec, make_policy
-from .safetensors_io import CheckpointReader, ShardWriter, shard_digest
+from .safetensors_io import ShardWriter, shard_digest
 
 FORMAT_VERSION = 1  # bump when the output layout changes, so that old partial outputs are not resumed
 ARCHITECTURES = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
