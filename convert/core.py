@@ -35,18 +35,14 @@ from mlx_llama4.model import Model
 from mlx_llama4.safetensors_reader import CheckpointReader
 from mlx_llama4.weights import CheckpointError, Entry, TensorInfo, plan_layout
 
+from .hub import fetch, upload
 from .policy import QuantPolicy, QuantSpec, make_policy
 from .safetensors_io import ShardWriter, shard_digest
+from .side_files import SIDE_FILES, model_card
 
 FORMAT_VERSION = 1  # bump when the output layout changes, so that old partial outputs are not resumed
 ARCHITECTURES = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-# Files next to the weights that a Llama 4 checkpoint needs at run time (copied as they are).
-SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-    "generation_config.json",
-)
 STATE_FILE = ".convert-state.json"
 BLOCK_BYTES = 128 << 20  # float32 working size of one block of rows
 
@@ -330,44 +326,6 @@ def _output_config(raw: dict, config: ModelConfig, dtype: mx.Dtype, quant: Optio
     return out
 
 
-def model_card(source: str, is_hub: bool, quant_text: str, dtype_name: str, has_vision: bool) -> str:
-    try:
-        from importlib.metadata import version
-
-        ver = version("mlx-llama4")
-    except Exception:
-        ver = "unknown"
-    base = f"[{source}](https://huggingface.co/{source})" if is_hub else f"`{source}`"
-    lines = [
-        "---",
-        "library_name: mlx",
-        "tags:", "- mlx", "- llama4", "- mlx-llama4",
-        f"pipeline_tag: {'image-text-to-text' if has_vision else 'text-generation'}",
-    ]
-    if is_hub:
-        lines.append(f"base_model: {source}")
-    lines += [
-        "---",
-        "",
-        f"# {Path(source).name}",
-        "",
-        f"Converted to MLX from {base} with mlx-llama4 {ver} (`mlx-llama4 convert`).",
-        "",
-        f"- Weights: {dtype_name}; {quant_text}.",
-        "- Layout: routed experts fused gate|up as `feed_forward.experts.gate_up_proj` [experts, out, in],",
-        "  quantized along the input, read with one gather-matmul. Loads with `mlx_llama4`, not with mlx-lm/mlx-vlm.",
-        "",
-        "```python",
-        "from mlx_llama4 import load, generate",
-        "",
-        'model, processor = load("<this folder or repo>")',
-        'print(generate(model, processor, "Describe the picture.", images=["cat.jpg"], max_tokens=200))',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path = "mlx_model",
@@ -412,8 +370,6 @@ def convert(
         raise ConvertError(f"{mlx_path} exists and is not a folder")
     if _is_nonempty_dir(mlx_path) and not force:
         raise ConvertError(f"{mlx_path} already exists and is not empty; pass --force to replace it")
-
-    from .hub import fetch
 
     source, is_hub = fetch(str(hf_path), revision, verbose=verbose)
     if source.resolve() == mlx_path.resolve():
@@ -518,7 +474,5 @@ def convert(
     _log(verbose, f"done in {seconds:.1f} s: {mlx_path}")
 
     if upload_repo:
-        from .hub import upload
-
         upload(mlx_path, upload_repo, verbose=verbose)
     return ConvertResult(mlx_path, [s.name for s in shards], reused, written, quant, seconds)

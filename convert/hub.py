@@ -10,7 +10,7 @@ from typing import Optional
 from mlx_llama4.hub import resolve_model_path
 from mlx_llama4.safetensors_reader import INDEX_FILE, read_index
 
-from .core import SIDE_FILES
+from .side_files import SIDE_FILES
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 META_FILES = ("config.json", INDEX_FILE) + SIDE_FILES
