@@ -4,7 +4,8 @@ Pipeline: resolve the source (local folder or Hub id) -> read shard headers -> p
 (``mlx_llama4.weights.plan_layout``) -> check names and shapes against the model the config describes (before
 anything is written) -> decide per layer float / quantized (``policy.py``) -> lay the outputs out in shards of at
 most ``max_shard_size`` -> write each shard block of rows by block of rows into a hidden temporary folder -> write
-the index, config.json, tokenizer / processor files and a model card -> rename the folder into place.
+the index, config.json, tokenizer / processor files, the source's license files and a model card keeping the
+source card's metadata (``side_files.py``) -> rename the folder into place.
 
 Resuming: the temporary folder keeps a state file with a fingerprint of the input and the options, and the size
 and hash (``safetensors_io.shard_digest``, computed while writing) of each finished shard. A rerun with the same
@@ -38,7 +39,7 @@ from mlx_llama4.weights import CheckpointError, Entry, TensorInfo, plan_layout
 from .hub import fetch, upload
 from .policy import QuantPolicy, QuantSpec, make_policy
 from .safetensors_io import ShardWriter, shard_digest
-from .side_files import SIDE_FILES, model_card
+from .side_files import copy_side_files, model_card, read_card_metadata
 
 FORMAT_VERSION = 1  # bump when the output layout changes, so that old partial outputs are not resumed
 ARCHITECTURES = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
@@ -375,6 +376,11 @@ def convert(
     if source.resolve() == mlx_path.resolve():
         raise ConvertError("the output folder must differ from the input folder")
     raw, config = read_source_config(source)
+    try:
+        card_metadata = read_card_metadata(source)
+    except ValueError as e:
+        _log(verbose, f"warning: {e}; the model card keeps no metadata from it")
+        card_metadata = {}
     reader = CheckpointReader(source)
     entries = plan_layout(reader.info(), fp8_dtype=mx.float32)
     where = f"{source}" + (f" (files not in its index, not read: {', '.join(reader.unlisted)})" if reader.unlisted else "")
@@ -446,12 +452,14 @@ def convert(
         "metadata": {"total_size": total, "format": "mlx", "converter": f"mlx-llama4 (format {FORMAT_VERSION})"},
         "weight_map": dict(sorted(weight_map.items())),
     }, indent=4)
-    for name in SIDE_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, work / name)
+    licenses = copy_side_files(source, work)
     if not any((source / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         _log(verbose, "warning: the source has no tokenizer files; copy them into the output before use")
-    (work / "README.md").write_text(model_card(str(hf_path), is_hub, quant_text, dtype_name, config.vision is not None))
+    if not licenses:
+        _log(verbose, "warning: the source has no LICENSE file; add the model's license before sharing the output")
+    card = model_card(str(hf_path), is_hub, quant_text, dtype_name, config.vision is not None, card_metadata,
+                      tuple(licenses), upload_repo)
+    (work / "README.md").write_text(card, encoding="utf-8")
     _save_json(work / "config.json", _output_config(raw, config, out_dtype, quant), indent=4)
     state_path.unlink()
     for stray in work.glob("*.incomplete"):

@@ -10,10 +10,10 @@ from typing import Optional
 from mlx_llama4.hub import resolve_model_path
 from mlx_llama4.safetensors_reader import INDEX_FILE, read_index
 
-from .side_files import SIDE_FILES
+from .side_files import FETCHED
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-META_FILES = ("config.json", INDEX_FILE) + SIDE_FILES
+META_FILES = ("config.json", INDEX_FILE) + FETCHED
 
 
 def fetch(hf_path: str, revision: Optional[str] = None, verbose: bool = True) -> tuple[Path, bool]:
