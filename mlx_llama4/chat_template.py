@@ -1,21 +1,17 @@
 """The chat template: rendering Hugging Face chat messages into Llama 4 prompt text.
 
 Templates come with checkpoints (``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``)
-and are rendered the way transformers renders them, in an immutable sandbox; the reference Llama 4 template
-is the fallback. Image parts of messages become ``{"type": "image"}`` (rendered as ``<|image|>``), and their
-inline sources are collected in order for the processor.
+and are rendered by transformers, in its immutable sandbox; the reference Llama 4 template is the fallback.
+Image parts of messages become ``{"type": "image"}`` (rendered as ``<|image|>``), and their inline sources are
+collected in order for the processor.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
-
-import numpy as np
 
 # The Llama 4 chat template (reference section 4.2), used when a checkpoint ships none. It is data, not
 # code: the string the published checkpoints carry. In the original, the `'system' %}` line ends with four
@@ -177,104 +173,22 @@ class ProcessorError(ValueError):
     """Inputs that cannot be turned into a prompt: e.g. a different number of images and placeholders."""
 
 
-def _raise_exception(message: str) -> None:
-    import jinja2
+def render_chat_template(tokenizer, source: str, messages: list[dict], add_generation_prompt: bool,
+                         **variables) -> str:
+    """Render normalised messages (see ``split_messages``) with a template and its extra variables (``bos_token``,
+    ``tools``, ``date_string``, ...).
 
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
-    """JSON without HTML escaping (Jinja's own tojson escapes <, >, &), with indent support."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    """Compile a chat template in a sandbox, with the helpers Hugging Face templates expect.
-
-    Templates come with checkpoints from the Hub, so they are untrusted: the immutable sandbox stops them
-    from touching Python internals or mutating inputs. trim_blocks/lstrip_blocks and the helper names
-    match transformers, so a template renders here exactly as it does there.
+    transformers renders it (``apply_chat_template(tokenize=False)``): its immutable sandbox, its helpers
+    (``raise_exception``, ``tojson``, ``strftime_now``, ``{% generation %}``) and the hardening of its newer
+    releases (template inputs rebuilt from plain types), so a template renders here exactly as it does there.
     """
     import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class GenerationBlock(Extension):
-        """``{% generation %}...{% endgeneration %}`` (used by some templates to mark assistant text): no-op."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateSyntaxError as exc:
         raise ProcessorError(f"chat template does not compile: {exc}") from None
-
-
-def _tool_schema(tool: Any) -> Any:
-    """A tool given as a Python function becomes its JSON schema, as transformers does it."""
-    if isinstance(tool, Mapping) or not callable(tool):
-        return tool
-    from transformers.utils import get_json_schema
-
-    return get_json_schema(tool)
-
-
-def render_chat_template(
-    source: str, messages: list[dict], add_generation_prompt: bool, tools: Any = None, variables: Mapping | None = None
-) -> str:
-    """Render normalised messages (see ``split_messages``) with a template, its extra variables
-    (``bos_token``, ``date_string``, ...) and optional tools."""
-    if tools is not None:
-        tools = [_tool_schema(t) for t in tools]
-    return _compile_template(source).render(
-        messages=_plain(messages), tools=_plain(tools), add_generation_prompt=add_generation_prompt,
-        **_plain(dict(variables or {})),
-    )
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types, so a sandboxed template never sees rich objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):  # subclasses (e.g. enums) lose their extra methods
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
 
 
 def _as_dict(message: Any) -> dict:

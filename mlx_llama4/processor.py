@@ -306,10 +306,9 @@ class Processor:
         special.setdefault("bos_token", self._tokenizer_config.get("bos_token") or BOS_TOKEN)
         return special
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, tools=None, **kwargs) -> str:
-        return render_chat_template(
-            self.chat_template, messages, add_generation_prompt, tools, {**self._template_variables(), **kwargs}
-        )
+    def _render(self, messages: list[dict], add_generation_prompt: bool, **kwargs) -> str:
+        return render_chat_template(self._tokenizer, self.chat_template, messages, add_generation_prompt,
+                                    **{**self._template_variables(), **kwargs})
 
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, **kwargs) -> str:
         """Render chat messages (Hugging Face format) to the prompt text, one ``<|image|>`` per image part.
