@@ -9,9 +9,9 @@ collected in order for the processor.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Mapping
+
+from .prompt import ProcessorError
 
 # The Llama 4 chat template (reference section 4.2), used when a checkpoint ships none. It is data, not
 # code: the string the published checkpoints carry. In the original, the `'system' %}` line ends with four
@@ -169,10 +169,6 @@ _IMAGE_SOURCE_KEYS = ("image", "image_url", "url", "path")
 _IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
 
-class ProcessorError(ValueError):
-    """Inputs that cannot be turned into a prompt: e.g. a different number of images and placeholders."""
-
-
 def render_chat_template(tokenizer, source: str, messages: list[dict], add_generation_prompt: bool,
                          **variables) -> str:
     """Render normalised messages (see ``split_messages``) with a template and its extra variables (``bos_token``,
@@ -258,43 +254,3 @@ def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:
             message["content"] = parts
         out.append(message)
     return out, sources
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ProcessorError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ProcessorError(f"{path}: expected a JSON object")
-    return data
-
-
-
-def _template_from_value(value: Any, where: Path) -> str | None:
-    """A chat template from a config value: a string, or a list of named templates (take 'default')."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
-        if "default" in named:
-            return named["default"]
-        if named:
-            return next(iter(named.values()))
-    raise ProcessorError(f"{where}: chat_template must be a string or a list of named templates")
-
-
-def load_chat_template(folder: Path, tokenizer_config: Mapping | None = None) -> str | None:
-    """The checkpoint's chat template: chat_template.jinja, chat_template.json, then tokenizer_config.json."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    as_json = folder / "chat_template.json"
-    if as_json.is_file():
-        template = _template_from_value(_read_json(as_json).get("chat_template"), as_json)
-        if template:
-            return template
-    if tokenizer_config:
-        return _template_from_value(tokenizer_config.get("chat_template"), folder / "tokenizer_config.json")
-    return None
