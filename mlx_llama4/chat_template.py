@@ -9,7 +9,7 @@ collected in order for the processor.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from .prompt import ProcessorError
 
@@ -164,6 +164,8 @@ REFERENCE_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- endif %}
 """.replace("'system' %}\n", "'system' %}    \n", 1)
 
+KNOWN_ROLES = ("system", "user", "assistant", "ipython", "tool")
+TOOL_ROLES = ("ipython", "tool")  # tool results: any JSON content, which the template writes with tojson
 # Keys of a message content part that carry the image itself (Hugging Face, OpenAI and local spellings).
 _IMAGE_SOURCE_KEYS = ("image", "image_url", "url", "path")
 _IMAGE_PART_TYPES = ("image", "image_url", "input_image")
@@ -187,18 +189,16 @@ def render_chat_template(tokenizer, source: str, messages: list[dict], add_gener
         raise ProcessorError(f"chat template does not compile: {exc}") from None
 
 
-def _as_dict(message: Any) -> dict:
-    """A message as a dict: dicts as they are, pydantic models and dataclasses converted; None values dropped.
-
-    OpenAI-style APIs send ``content=None`` or ``tool_calls=None``, which templates treat as present.
-    """
-    if dataclasses.is_dataclass(message) and not isinstance(message, type):
-        message = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    elif callable(getattr(message, "model_dump", None)):
-        message = message.model_dump()
-    if not isinstance(message, Mapping):
-        raise ProcessorError(f"a chat message must be a dict with 'role' and 'content', got {type(message).__name__}")
-    return {key: value for key, value in message.items() if value is not None}
+def _as_dict(value: Any, where: str, what: str) -> dict:
+    """A message or content part as a dict: dicts as they are, pydantic models and dataclasses converted; None values
+    dropped (OpenAI-style APIs send ``content=None`` or ``tool_calls=None``, which templates treat as present)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif callable(getattr(value, "model_dump", None)):
+        value = value.model_dump()
+    if not isinstance(value, Mapping):
+        raise ProcessorError(f"{where}: {what}, got {type(value).__name__} {value!r:.60}")
+    return {key: item for key, item in value.items() if item is not None}
 
 
 def _image_part_source(part: Mapping) -> tuple[bool, Any]:
@@ -223,34 +223,68 @@ def user_turn(text: str, images: int = 0) -> dict:
 
 
 def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:
-    """Normalise chat messages for the template and collect their images in order.
+    """Check and normalise chat messages for the template and collect their images in order.
 
     Returns (messages with every image part replaced by ``{"type": "image"}``, one entry per image part:
     its inline source, or None when the image is supplied separately). A plain string is one user turn;
-    string parts of a content list are text parts.
+    string parts of a content list are text parts. Anything the template would trip over or silently drop (no
+    messages, a message that is not a dict, an unknown role, a missing or mistyped content, a part of an unknown
+    type) is a ``ProcessorError`` naming the message (and part) by index.
     """
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if isinstance(messages, Mapping):
         messages = [messages]
+    if not isinstance(messages, Iterable) or isinstance(messages, (bytes, bytearray)):
+        raise ProcessorError(f"chat messages must be a list of dicts with 'role' and 'content', got "
+                             f"{type(messages).__name__}")
     out: list[dict] = []
     sources: list[Any] = []
-    for raw in messages:
-        message = _as_dict(raw)
+    for i, raw in enumerate(messages):
+        message = _as_dict(raw, f"message {i}", "a chat message must be a dict with 'role' and 'content'")
+        role = message.get("role")
+        if role not in KNOWN_ROLES:
+            problem = "no 'role'" if role is None else f"unknown role {role!r}"
+            raise ProcessorError(f"message {i}: {problem}; the roles are {', '.join(KNOWN_ROLES)}")
         content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            raise ProcessorError(f"message {i} ({role}): no 'content'")
         if isinstance(content, (list, tuple)):
-            parts = []
-            for part in content:
-                if isinstance(part, str):
-                    parts.append({"type": "text", "text": part})
-                    continue
-                part = _as_dict(part)
-                is_image, source = _image_part_source(part)
-                if is_image:
-                    parts.append({"type": "image"})
-                    sources.append(source)
-                else:
-                    parts.append(part)
-            message["content"] = parts
+            message["content"] = _parts(content, f"message {i} ({role})", sources, strict=role not in TOOL_ROLES)
+        elif not isinstance(content, str) and content is not None and role not in TOOL_ROLES:
+            raise ProcessorError(f"message {i} ({role}): 'content' must be a string or a list of parts, got "
+                                 f"{type(content).__name__}")
         out.append(message)
+    if not out:
+        raise ProcessorError("no chat messages: give at least one message")
     return out, sources
+
+
+def _parts(content: Sequence, where: str, sources: list, strict: bool) -> list:
+    """A content list for the template: strings become text parts, image parts ``{"type": "image"}`` (their
+    sources appended to ``sources``). ``strict`` (not for tool results, which the template writes as JSON): every
+    part must be a text part with a string ``text`` or an image part."""
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+            continue
+        if not strict and not isinstance(part, Mapping):
+            parts.append(part)
+            continue
+        part = _as_dict(part, f"{where}, part {j}", "a content part must be a string or a dict with a 'type'")
+        is_image, source = _image_part_source(part)
+        if is_image:
+            parts.append({"type": "image"})
+            sources.append(source)
+            continue
+        if strict:
+            kind = part.get("type")
+            if kind != "text":
+                problem = "no 'type'" if kind is None else f"unknown type {kind!r}"
+                raise ProcessorError(f"{where}, part {j}: {problem}; the part types are text, "
+                                     f"{', '.join(_IMAGE_PART_TYPES)}")
+            if not isinstance(part.get("text"), str):
+                raise ProcessorError(f"{where}, part {j}: a text part needs a string 'text'")
+        parts.append(part)
+    return parts

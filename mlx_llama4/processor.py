@@ -25,6 +25,7 @@ from .prompt import (
     ProcessorError,
     image_list,
     image_token_count,
+    is_templated,
     layout_ids,
     merge_images,
     placeholder_positions,
@@ -143,7 +144,9 @@ class Processor:
 
         Give either ``text`` (already-formatted prompt text with one ``<|image|>`` per image) or
         ``messages`` (rendered with the chat template; a list passed as ``text`` counts as messages; a string
-        is one user turn with the ``images`` before its text).
+        is one user turn with the ``images`` before its text, unless it is already chat-template output, i.e.
+        starts with ``<|begin_of_text|>`` or holds ``<|header_start|>``: that is used as it is, its
+        ``<|image|>`` placeholders taking the ``images``).
         Images come from ``images`` in order and/or inline in message parts
         (``{"type": "image", "image": ...}``, ``"image_url"``, ``"url"``, ``"path"``).
         """
@@ -154,7 +157,12 @@ class Processor:
         if text is not None and messages is not None:
             raise ProcessorError("give either text or messages, not both")
         given = image_list(images)
-        if isinstance(messages, str):  # one user turn, after the images
+        if isinstance(messages, str) and is_templated(messages):  # e.g. apply_chat_template's output: as it is
+            if template_kwargs:
+                raise ProcessorError(f"the prompt is already chat-template output; template options "
+                                     f"({', '.join(template_kwargs)}) cannot apply to it")
+            text, messages = messages, None
+        elif isinstance(messages, str):  # one user turn, after the images
             messages = [user_turn(messages, len(given))]
         if messages is not None:
             plain, inline = split_messages(messages)
