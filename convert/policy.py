@@ -2,8 +2,8 @@
 
 - Routed experts quantize along their input dimension (weights are ``[E, out, in]``), so the fused gate+up stays
   one gather-matmul after quantization.
-- The router is never quantized (the rule is "never below 8 bits"; at ``E x D`` per layer it is too small to be
-  worth any precision loss). Norms are not quantizable and stay float.
+- The router is never quantized (it picks the experts, and at ``E x D`` per layer it is too small to be worth any
+  precision loss). Norms are not quantizable and stay float.
 - The vision tower and projector stay float unless ``quantize_vision`` asks for them; then they take the
   attention-class settings.
 - Mixed recipes ``mixed_<low>_<high>``: routed experts at ``low`` bits, attention / shared expert / dense FFN at

@@ -1,7 +1,7 @@
 """The chat template: rendering Hugging Face chat messages into Llama 4 prompt text.
 
 Templates come with checkpoints (``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``)
-and are rendered by transformers, in its immutable sandbox; the reference Llama 4 template is the fallback.
+and are rendered by transformers, in its immutable sandbox; the published Llama 4 template is the fallback.
 Image parts of messages become ``{"type": "image"}`` (rendered as ``<|image|>``), and their inline sources are
 collected in order for the processor.
 """
@@ -13,8 +13,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .prompt import ProcessorError
 
-# The Llama 4 chat template (reference section 4.2), used when a checkpoint ships none. It is data, not
-# code: the string the published checkpoints carry. In the original, the `'system' %}` line ends with four
+# The Llama 4 chat template (``chat_template`` in transformers' processing_llama4.py; docs/architecture.md, "Chat
+# template and BOS"), used when a checkpoint ships none. It is data, not code: the string the published checkpoints
+# carry. In the original, the `'system' %}` line ends with four
 # spaces; they are restored below instead of being kept in the source, where editors strip them.
 REFERENCE_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- if custom_tools is defined %}

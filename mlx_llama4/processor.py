@@ -285,7 +285,7 @@ def load_processor(
     """The processor of a local checkpoint folder.
 
     Reads tokenizer.json (+ tokenizer_config.json), the chat template (chat_template.jinja,
-    chat_template.json, tokenizer_config.json's chat_template, else the reference Llama 4 template) and the
+    chat_template.json, tokenizer_config.json's chat_template, else the published Llama 4 template) and the
     image settings (preprocessor_config.json and/or processor_config.json; defaults 336 px tiles, 16 tiles).
     ``tokens_per_tile`` overrides the count derived from patch size and pixel-shuffle ratio (the model's
     vision config knows it); ``max_pixels`` bounds decoded image size (None: no bound).
