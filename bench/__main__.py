@@ -2,10 +2,13 @@
 
     python -m bench                 # everything (8-11 minutes on 2 shared CPU cores)
     python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~4 minutes)
-    python -m bench --only 1,4      # some items only (numbers as in the issue: 1-6)
-    python -m bench --render        # rewrite RESULTS.md and plots from results.json
+    python -m bench --only 1,4      # some items only (1-6, listed in bench/README.md)
+    python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
+    python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
 
-Writes ``docs/bench/results.json``, ``docs/bench/RESULTS.md`` and the plots (``--out`` to change).
+Writes results.json, RESULTS.md and the plots into a new folder ``bench-results/<date-time>/`` under the current
+directory (``--out`` to choose another, ``--update-docs`` for ``docs/bench/``); the tracked copy in docs/bench/ is
+only written when asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from . import report
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "bench"  # the copy README.md quotes
 
 
 def run_worker(task: str, timeout: float = 1200, **kwargs) -> dict:
@@ -56,16 +60,27 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and context lengths")
     ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated item numbers (default: all)")
     ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "bench"), help="folder for results.json, RESULTS.md, plots")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help="folder for results.json, RESULTS.md and the plots (default: bench-results/<date-time>)")
+    where.add_argument("--update-docs", action="store_true", help="write them into docs/bench/ (tracked in git)")
     ap.add_argument("--render", action="store_true",
-                    help="only rewrite RESULTS.md and the plots from OUT/results.json (no measuring)")
+                    help="only rewrite RESULTS.md and the plots from results.json in --out or docs (no measuring)")
     args = ap.parse_args(argv)
+    if args.update_docs:
+        out_dir = DOCS
+    elif args.out:
+        out_dir = Path(args.out)
+    elif args.render:
+        ap.error("--render needs the folder of an earlier run: --out DIR or --update-docs")
+    else:
+        out_dir = Path.cwd() / "bench-results" / time.strftime("%Y%m%d-%H%M%S")
     if args.render:
-        report.write_all(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
+        report.write_all(json.loads((out_dir / "results.json").read_text()), out_dir)
         return 0
     items = {int(x) for x in args.only.split(",") if x.strip()}
     repeats = args.repeats or (1 if args.quick else 3)
-    out_dir = Path(args.out)
+    print(f"results go to {out_dir}", flush=True)
     t_start = time.perf_counter()
 
     machine = report.machine_info()

@@ -1,4 +1,4 @@
-"""Item 6: the converter's peak resident memory against its largest output shard (issue 5; goal: peak RSS
+"""Item 6: the converter's peak resident memory against its largest output shard (goal: peak RSS
 <= 1.5 x the largest output shard).
 
 This is the quick version, on a 0.8 GB source, where the interpreter's own ~0.3 GB weigh heavily; the

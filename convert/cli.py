@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional
 
-from .policy import AFFINE_BITS, MODES, RECIPES
+from .policy import MODES, RECIPES
 
 
 def configure_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -19,8 +19,9 @@ def configure_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser.add_argument("--hf-path", "--model", required=True, help="Hub repo id or local checkpoint folder.")
     parser.add_argument("--mlx-path", default="mlx_model", help="Output folder (default: mlx_model).")
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
-    parser.add_argument("--q-bits", type=int, choices=AFFINE_BITS, default=None,
-                        help="Bits per weight (affine: 2, 3, 4, 5, 6, 8; default 4; fixed by the fp modes).")
+    parser.add_argument("--q-bits", type=int, default=None,
+                        help="Bits per weight (affine: 2, 3, 4, 5, 6 or 8, and 1 where the installed MLX has it, "
+                        "as 0.32.4 does; default 4; fixed by the fp modes).")
     parser.add_argument("--q-group-size", type=int, choices=(16, 32, 64, 128), default=None,
                         help="Group size (affine: 32, 64, 128; default 64; mxfp4/mxfp8 32, nvfp4 16).")
     parser.add_argument("--q-mode", choices=MODES, default="affine", help="Quantization mode (default affine).")

@@ -4,7 +4,8 @@ Pipeline: resolve the source (local folder or Hub id) -> read shard headers -> p
 (``mlx_llama4.weights.plan_layout``) -> check names and shapes against the model the config describes (before
 anything is written) -> decide per layer float / quantized (``policy.py``) -> lay the outputs out in shards of at
 most ``max_shard_size`` -> write each shard block of rows by block of rows into a hidden temporary folder -> write
-the index, config.json, tokenizer / processor files and a model card -> rename the folder into place.
+the index, config.json, tokenizer / processor files, the source's license files and a model card keeping the
+source card's metadata (``side_files.py``) -> rename the folder into place.
 
 Resuming: the temporary folder keeps a state file with a fingerprint of the input and the options, and the size
 and hash (``safetensors_io.shard_digest``, computed while writing) of each finished shard. A rerun with the same
@@ -32,20 +33,17 @@ from mlx.utils import tree_flatten
 from mlx_llama4.config import ConfigError, ModelConfig, read_config_json
 from mlx_llama4.loading import check_shapes, quantize_like_checkpoint, without_absent_vision
 from mlx_llama4.model import Model
+from mlx_llama4.safetensors_reader import CheckpointReader
 from mlx_llama4.weights import CheckpointError, Entry, TensorInfo, plan_layout
 
+from .hub import fetch, upload
 from .policy import QuantPolicy, QuantSpec, make_policy
-from .safetensors_io import CheckpointReader, ShardWriter, shard_digest
+from .safetensors_io import ShardWriter, shard_digest
+from .side_files import copy_side_files, model_card, read_card_metadata
 
 FORMAT_VERSION = 1  # bump when the output layout changes, so that old partial outputs are not resumed
 ARCHITECTURES = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-# Files next to the weights that a Llama 4 checkpoint needs at run time (copied as they are).
-SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-    "generation_config.json",
-)
 STATE_FILE = ".convert-state.json"
 BLOCK_BYTES = 128 << 20  # float32 working size of one block of rows
 
@@ -329,44 +327,6 @@ def _output_config(raw: dict, config: ModelConfig, dtype: mx.Dtype, quant: Optio
     return out
 
 
-def model_card(source: str, is_hub: bool, quant_text: str, dtype_name: str, has_vision: bool) -> str:
-    try:
-        from importlib.metadata import version
-
-        ver = version("mlx-llama4")
-    except Exception:
-        ver = "unknown"
-    base = f"[{source}](https://huggingface.co/{source})" if is_hub else f"`{source}`"
-    lines = [
-        "---",
-        "library_name: mlx",
-        "tags:", "- mlx", "- llama4", "- mlx-llama4",
-        f"pipeline_tag: {'image-text-to-text' if has_vision else 'text-generation'}",
-    ]
-    if is_hub:
-        lines.append(f"base_model: {source}")
-    lines += [
-        "---",
-        "",
-        f"# {Path(source).name}",
-        "",
-        f"Converted to MLX from {base} with mlx-llama4 {ver} (`mlx-llama4 convert`).",
-        "",
-        f"- Weights: {dtype_name}; {quant_text}.",
-        "- Layout: routed experts fused gate|up as `feed_forward.experts.gate_up_proj` [experts, out, in],",
-        "  quantized along the input, read with one gather-matmul. Loads with `mlx_llama4`, not with mlx-lm/mlx-vlm.",
-        "",
-        "```python",
-        "from mlx_llama4 import load, generate",
-        "",
-        'model, processor = load("<this folder or repo>")',
-        'print(generate(model, processor, "Describe the picture.", images=["cat.jpg"], max_tokens=200))',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path = "mlx_model",
@@ -412,12 +372,15 @@ def convert(
     if _is_nonempty_dir(mlx_path) and not force:
         raise ConvertError(f"{mlx_path} already exists and is not empty; pass --force to replace it")
 
-    from .hub import fetch
-
     source, is_hub = fetch(str(hf_path), revision, verbose=verbose)
     if source.resolve() == mlx_path.resolve():
         raise ConvertError("the output folder must differ from the input folder")
     raw, config = read_source_config(source)
+    try:
+        card_metadata = read_card_metadata(source)
+    except ValueError as e:
+        _log(verbose, f"warning: {e}; the model card keeps no metadata from it")
+        card_metadata = {}
     reader = CheckpointReader(source)
     entries = plan_layout(reader.info(), fp8_dtype=mx.float32)
     where = f"{source}" + (f" (files not in its index, not read: {', '.join(reader.unlisted)})" if reader.unlisted else "")
@@ -489,12 +452,14 @@ def convert(
         "metadata": {"total_size": total, "format": "mlx", "converter": f"mlx-llama4 (format {FORMAT_VERSION})"},
         "weight_map": dict(sorted(weight_map.items())),
     }, indent=4)
-    for name in SIDE_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, work / name)
+    licenses = copy_side_files(source, work)
     if not any((source / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         _log(verbose, "warning: the source has no tokenizer files; copy them into the output before use")
-    (work / "README.md").write_text(model_card(str(hf_path), is_hub, quant_text, dtype_name, config.vision is not None))
+    if not licenses:
+        _log(verbose, "warning: the source has no LICENSE file; add the model's license before sharing the output")
+    card = model_card(str(hf_path), is_hub, quant_text, dtype_name, config.vision is not None, card_metadata,
+                      tuple(licenses), upload_repo)
+    (work / "README.md").write_text(card, encoding="utf-8")
     _save_json(work / "config.json", _output_config(raw, config, out_dtype, quant), indent=4)
     state_path.unlink()
     for stray in work.glob("*.incomplete"):
@@ -517,7 +482,5 @@ def convert(
     _log(verbose, f"done in {seconds:.1f} s: {mlx_path}")
 
     if upload_repo:
-        from .hub import upload
-
         upload(mlx_path, upload_repo, verbose=verbose)
     return ConvertResult(mlx_path, [s.name for s in shards], reused, written, quant, seconds)

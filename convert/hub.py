@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 from mlx_llama4.hub import resolve_model_path
+from mlx_llama4.safetensors_reader import INDEX_FILE, read_index
 
-from .core import SIDE_FILES, ConvertError
+from .side_files import FETCHED
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-META_FILES = ("config.json", "model.safetensors.index.json") + SIDE_FILES
+META_FILES = ("config.json", INDEX_FILE) + FETCHED
 
 
 def fetch(hf_path: str, revision: Optional[str] = None, verbose: bool = True) -> tuple[Path, bool]:
@@ -32,12 +32,9 @@ def fetch(hf_path: str, revision: Optional[str] = None, verbose: bool = True) ->
     meta = resolve_model_path(hf_path, revision, allow_patterns=META_FILES)
     # Pin the second step to the commit the first one resolved, so both see the same files.
     pinned = meta.name if _COMMIT.match(meta.name) else revision
-    index = meta / "model.safetensors.index.json"
+    index = meta / INDEX_FILE
     if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ConvertError(f"{hf_path}: model.safetensors.index.json is not a valid index ({e})") from None
+        shards = sorted(set(read_index(index).values()))
     else:
         shards = ["model.safetensors"]
     path = resolve_model_path(hf_path, pinned, allow_patterns=META_FILES + tuple(shards))

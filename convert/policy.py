@@ -2,32 +2,48 @@
 
 - Routed experts quantize along their input dimension (weights are ``[E, out, in]``), so the fused gate+up stays
   one gather-matmul after quantization.
-- The router is never quantized (the rule is "never below 8 bits"; at ``E x D`` per layer it is too small to be
-  worth any precision loss). Norms are not quantizable and stay float.
+- The router is never quantized (it picks the experts, and at ``E x D`` per layer it is too small to be worth any
+  precision loss). Norms are not quantizable and stay float.
 - The vision tower and projector stay float unless ``quantize_vision`` asks for them; then they take the
   attention-class settings.
 - Mixed recipes ``mixed_<low>_<high>``: routed experts at ``low`` bits, attention / shared expert / dense FFN at
   ``high`` bits, embeddings and lm_head at ``max(high, 6)`` bits (affine only).
 - A layer whose input width is not a multiple of the group size stays float (e.g. the 588-wide patch embedding).
 
-Modes and what MLX 0.32 accepts (``mx.quantize``): affine: bits 2, 3, 4, 5, 6, 8 with group size 32, 64, 128
-(default 4 bits, 64); mxfp4: 4 bits, group 32; nvfp4: 4 bits, group 16; mxfp8: 8 bits, group 32.
+Modes and what MLX accepts (``mx.quantize``): affine: the bit widths of the installed MLX (``affine_bits``: 2, 3,
+4, 5, 6 and 8, plus 1 in MLX 0.32.4) with group size 32, 64, 128 (default 4 bits, 64); mxfp4: 4 bits, group 32;
+nvfp4: 4 bits, group 16; mxfp8: 8 bits, group 32.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from functools import cache
 from typing import Optional
 
 MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 FIXED = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
-AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_3_8", "mixed_4_6", "mixed_4_8")
 _RECIPE = re.compile(r"^mixed_(\d)_(\d)$")
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 EMBEDDING_MIN_BITS = 6
+
+
+@cache
+def affine_bits() -> tuple[int, ...]:
+    """The bit widths the installed MLX's ``mx.quantize`` accepts in affine mode (it has grown across versions)."""
+    import mlx.core as mx
+
+    accepted = []
+    for bits in range(1, 9):
+        try:
+            mx.eval(mx.quantize(mx.zeros((1, 32)), group_size=32, bits=bits))
+        except (ValueError, RuntimeError):  # refused, or no kernel for it on this device
+            continue
+        accepted.append(bits)
+    return tuple(accepted)
 
 
 class QuantizationOptionError(ValueError):
@@ -100,8 +116,9 @@ def _spec(bits: Optional[int], group_size: Optional[int], mode: str) -> QuantSpe
         return QuantSpec(need_group, need_bits, mode)
     bits = 4 if bits is None else bits
     group_size = 64 if group_size is None else group_size
-    if bits not in AFFINE_BITS:
-        raise QuantizationOptionError(f"affine quantization supports {AFFINE_BITS} bits, got {bits}")
+    if bits not in affine_bits():
+        raise QuantizationOptionError(f"affine quantization supports {', '.join(map(str, affine_bits()))} bits "
+                                      f"(those of the installed MLX), got {bits}")
     if group_size not in AFFINE_GROUP_SIZES:
         raise QuantizationOptionError(f"affine quantization supports group sizes {AFFINE_GROUP_SIZES}, got {group_size}")
     return QuantSpec(group_size, bits, mode)

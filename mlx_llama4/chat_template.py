@@ -1,24 +1,21 @@
 """The chat template: rendering Hugging Face chat messages into Llama 4 prompt text.
 
 Templates come with checkpoints (``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``)
-and are rendered the way transformers renders them, in an immutable sandbox; the reference Llama 4 template
-is the fallback. Image parts of messages become ``{"type": "image"}`` (rendered as ``<|image|>``), and their
-inline sources are collected in order for the processor.
+and are rendered by transformers, in its immutable sandbox; the published Llama 4 template is the fallback.
+Image parts of messages become ``{"type": "image"}`` (rendered as ``<|image|>``), and their inline sources are
+collected in order for the processor.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from datetime import datetime
-from functools import lru_cache
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
+from .prompt import ProcessorError
 
-# The Llama 4 chat template (reference section 4.2), used when a checkpoint ships none. It is data, not
-# code: the string the published checkpoints carry. In the original, the `'system' %}` line ends with four
+# The Llama 4 chat template (``chat_template`` in transformers' processing_llama4.py; docs/architecture.md, "Chat
+# template and BOS"), used when a checkpoint ships none. It is data, not code: the string the published checkpoints
+# carry. In the original, the `'system' %}` line ends with four
 # spaces; they are restored below instead of being kept in the source, where editors strip them.
 REFERENCE_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
@@ -168,127 +165,41 @@ REFERENCE_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- endif %}
 """.replace("'system' %}\n", "'system' %}    \n", 1)
 
+KNOWN_ROLES = ("system", "user", "assistant", "ipython", "tool")
+TOOL_ROLES = ("ipython", "tool")  # tool results: any JSON content, which the template writes with tojson
 # Keys of a message content part that carry the image itself (Hugging Face, OpenAI and local spellings).
 _IMAGE_SOURCE_KEYS = ("image", "image_url", "url", "path")
 _IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
 
-class ProcessorError(ValueError):
-    """Inputs that cannot be turned into a prompt: e.g. a different number of images and placeholders."""
+def render_chat_template(tokenizer, source: str, messages: list[dict], add_generation_prompt: bool,
+                         **variables) -> str:
+    """Render normalised messages (see ``split_messages``) with a template and its extra variables (``bos_token``,
+    ``tools``, ``date_string``, ...).
 
-
-def _raise_exception(message: str) -> None:
-    import jinja2
-
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
-    """JSON without HTML escaping (Jinja's own tojson escapes <, >, &), with indent support."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    """Compile a chat template in a sandbox, with the helpers Hugging Face templates expect.
-
-    Templates come with checkpoints from the Hub, so they are untrusted: the immutable sandbox stops them
-    from touching Python internals or mutating inputs. trim_blocks/lstrip_blocks and the helper names
-    match transformers, so a template renders here exactly as it does there.
+    transformers renders it (``apply_chat_template(tokenize=False)``): its immutable sandbox, its helpers
+    (``raise_exception``, ``tojson``, ``strftime_now``, ``{% generation %}``) and the hardening of its newer
+    releases (template inputs rebuilt from plain types), so a template renders here exactly as it does there.
     """
     import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class GenerationBlock(Extension):
-        """``{% generation %}...{% endgeneration %}`` (used by some templates to mark assistant text): no-op."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateSyntaxError as exc:
         raise ProcessorError(f"chat template does not compile: {exc}") from None
 
 
-def _tool_schema(tool: Any) -> Any:
-    """A tool given as a Python function becomes its JSON schema, as transformers does it."""
-    if isinstance(tool, Mapping) or not callable(tool):
-        return tool
-    from transformers.utils import get_json_schema
-
-    return get_json_schema(tool)
-
-
-def render_chat_template(
-    source: str, messages: list[dict], add_generation_prompt: bool, tools: Any = None, variables: Mapping | None = None
-) -> str:
-    """Render normalised messages (see ``split_messages``) with a template, its extra variables
-    (``bos_token``, ``date_string``, ...) and optional tools."""
-    if tools is not None:
-        tools = [_tool_schema(t) for t in tools]
-    return _compile_template(source).render(
-        messages=_plain(messages), tools=_plain(tools), add_generation_prompt=add_generation_prompt,
-        **_plain(dict(variables or {})),
-    )
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types, so a sandboxed template never sees rich objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):  # subclasses (e.g. enums) lose their extra methods
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+def _as_dict(value: Any, where: str, what: str) -> dict:
+    """A message or content part as a dict: dicts as they are, pydantic models and dataclasses converted; None values
+    dropped (OpenAI-style APIs send ``content=None`` or ``tool_calls=None``, which templates treat as present)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _as_dict(message: Any) -> dict:
-    """A message as a dict: dicts as they are, pydantic models and dataclasses converted; None values dropped.
-
-    OpenAI-style APIs send ``content=None`` or ``tool_calls=None``, which templates treat as present.
-    """
-    if dataclasses.is_dataclass(message) and not isinstance(message, type):
-        message = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    elif callable(getattr(message, "model_dump", None)):
-        message = message.model_dump()
-    if not isinstance(message, Mapping):
-        raise ProcessorError(f"a chat message must be a dict with 'role' and 'content', got {type(message).__name__}")
-    return {key: value for key, value in message.items() if value is not None}
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif callable(getattr(value, "model_dump", None)):
+        value = value.model_dump()
+    if not isinstance(value, Mapping):
+        raise ProcessorError(f"{where}: {what}, got {type(value).__name__} {value!r:.60}")
+    return {key: item for key, item in value.items() if item is not None}
 
 
 def _image_part_source(part: Mapping) -> tuple[bool, Any]:
@@ -313,74 +224,68 @@ def user_turn(text: str, images: int = 0) -> dict:
 
 
 def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:
-    """Normalise chat messages for the template and collect their images in order.
+    """Check and normalise chat messages for the template and collect their images in order.
 
     Returns (messages with every image part replaced by ``{"type": "image"}``, one entry per image part:
     its inline source, or None when the image is supplied separately). A plain string is one user turn;
-    string parts of a content list are text parts.
+    string parts of a content list are text parts. Anything the template would trip over or silently drop (no
+    messages, a message that is not a dict, an unknown role, a missing or mistyped content, a part of an unknown
+    type) is a ``ProcessorError`` naming the message (and part) by index.
     """
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if isinstance(messages, Mapping):
         messages = [messages]
+    if not isinstance(messages, Iterable) or isinstance(messages, (bytes, bytearray)):
+        raise ProcessorError(f"chat messages must be a list of dicts with 'role' and 'content', got "
+                             f"{type(messages).__name__}")
     out: list[dict] = []
     sources: list[Any] = []
-    for raw in messages:
-        message = _as_dict(raw)
+    for i, raw in enumerate(messages):
+        message = _as_dict(raw, f"message {i}", "a chat message must be a dict with 'role' and 'content'")
+        role = message.get("role")
+        if role not in KNOWN_ROLES:
+            problem = "no 'role'" if role is None else f"unknown role {role!r}"
+            raise ProcessorError(f"message {i}: {problem}; the roles are {', '.join(KNOWN_ROLES)}")
         content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            raise ProcessorError(f"message {i} ({role}): no 'content'")
         if isinstance(content, (list, tuple)):
-            parts = []
-            for part in content:
-                if isinstance(part, str):
-                    parts.append({"type": "text", "text": part})
-                    continue
-                part = _as_dict(part)
-                is_image, source = _image_part_source(part)
-                if is_image:
-                    parts.append({"type": "image"})
-                    sources.append(source)
-                else:
-                    parts.append(part)
-            message["content"] = parts
+            message["content"] = _parts(content, f"message {i} ({role})", sources, strict=role not in TOOL_ROLES)
+        elif not isinstance(content, str) and content is not None and role not in TOOL_ROLES:
+            raise ProcessorError(f"message {i} ({role}): 'content' must be a string or a list of parts, got "
+                                 f"{type(content).__name__}")
         out.append(message)
+    if not out:
+        raise ProcessorError("no chat messages: give at least one message")
     return out, sources
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ProcessorError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ProcessorError(f"{path}: expected a JSON object")
-    return data
-
-
-
-def _template_from_value(value: Any, where: Path) -> str | None:
-    """A chat template from a config value: a string, or a list of named templates (take 'default')."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
-        if "default" in named:
-            return named["default"]
-        if named:
-            return next(iter(named.values()))
-    raise ProcessorError(f"{where}: chat_template must be a string or a list of named templates")
-
-
-def load_chat_template(folder: Path, tokenizer_config: Mapping | None = None) -> str | None:
-    """The checkpoint's chat template: chat_template.jinja, chat_template.json, then tokenizer_config.json."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    as_json = folder / "chat_template.json"
-    if as_json.is_file():
-        template = _template_from_value(_read_json(as_json).get("chat_template"), as_json)
-        if template:
-            return template
-    if tokenizer_config:
-        return _template_from_value(tokenizer_config.get("chat_template"), folder / "tokenizer_config.json")
-    return None
+def _parts(content: Sequence, where: str, sources: list, strict: bool) -> list:
+    """A content list for the template: strings become text parts, image parts ``{"type": "image"}`` (their
+    sources appended to ``sources``). ``strict`` (not for tool results, which the template writes as JSON): every
+    part must be a text part with a string ``text`` or an image part."""
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+            continue
+        if not strict and not isinstance(part, Mapping):
+            parts.append(part)
+            continue
+        part = _as_dict(part, f"{where}, part {j}", "a content part must be a string or a dict with a 'type'")
+        is_image, source = _image_part_source(part)
+        if is_image:
+            parts.append({"type": "image"})
+            sources.append(source)
+            continue
+        if strict:
+            kind = part.get("type")
+            if kind != "text":
+                problem = "no 'type'" if kind is None else f"unknown type {kind!r}"
+                raise ProcessorError(f"{where}, part {j}: {problem}; the part types are text, "
+                                     f"{', '.join(_IMAGE_PART_TYPES)}")
+            if not isinstance(part.get("text"), str):
+                raise ProcessorError(f"{where}, part {j}: a text part needs a string 'text'")
+        parts.append(part)
+    return parts

@@ -244,7 +244,7 @@ class VisionConfig:
             raise ConfigError(
                 f"{where}: image_size / patch_size must be an even integer, got {cfg.image_size} / {cfg.patch_size}"
             )
-        # Shape rules Hugging Face's modules assume without checking (reference section 6, pitfall 5).
+        # Shape rules transformers' modules assume without checking (docs/architecture.md, "Vision tower", step 7).
         shuffled = cfg.hidden_size / cfg.pixel_shuffle_ratio**2
         if shuffled != int(shuffled):
             raise ConfigError(

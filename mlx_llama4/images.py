@@ -1,9 +1,9 @@
 """Image loading and tiling for Llama 4 (Pillow + numpy only).
 
 Llama 4 sees an image as a grid of 336x336 tiles plus, when there is more than one tile, a distorted
-336x336 thumbnail of the whole image (the "global tile"). The steps and their order follow the reference
-(``llama4-reference.md`` section 3.1), which both Meta's ``VariableSizeImageTransform`` and transformers'
-``Llama4ImageProcessor`` implement:
+336x336 thumbnail of the whole image (the "global tile"). The steps and their order are those of Meta's
+``VariableSizeImageTransform`` (llama_models/llama4/preprocess.py) and transformers' ``Llama4ImageProcessor``
+(image_processing_llama4.py), spelled out in docs/architecture.md, "Image tiling":
 
 1. decode, apply the EXIF orientation, convert to RGB (transparency composited onto white);
 2. pick the best-fit canvas among all tile grids with at most ``max_patches`` tiles;
@@ -309,8 +309,8 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     """RGB version of any PIL image; transparency is composited onto white.
 
-    Llama 4 was trained on RGB; transparent pixels are usually background, and both references put them on
-    white (Meta's ``convert_image_to_rgb``, transformers' ``convert_to_rgb``). Palette images with a
+    Llama 4 was trained on RGB; transparent pixels are usually background, and Meta's and transformers' code put
+    them on white (Meta's ``convert_image_to_rgb``, transformers' ``convert_to_rgb``). Palette images with a
     transparency entry, LA and PA count as transparent too.
     """
     if image.mode == "RGB":
@@ -328,7 +328,7 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
 
 
 # --------------------------------------------------------------------------------------------------
-# Canvas choice (reference section 3.1, steps 2-4)
+# Canvas choice (docs/architecture.md, "Image tiling", steps 2-4)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -336,7 +336,8 @@ def candidate_canvases(max_patches: int = 16, size: int = 336) -> list[tuple[int
     """Every canvas (height, width) in pixels whose tile grid has at most max_patches tiles.
 
     For n = max_patches..1 and each factor pair h*w = n, grouped by aspect ratio in first-seen order,
-    as the references enumerate them (the order only matters for exact ties, which then go to the first).
+    as Meta's and transformers' ``find_supported_resolutions`` enumerate them (the order only matters for exact
+    ties, which then go to the first).
     With 16 tiles there are 50 canvases.
     """
     by_ratio: dict[float, list[tuple[int, int]]] = {}
@@ -354,8 +355,8 @@ def best_fit_canvas(
     Each canvas allows the scale min(Wc/W, Hc/H) without distortion. If some canvas allows scale >= 1, take
     the smallest such scale (the largest with resize_to_max_canvas): no more upscaling than needed. Otherwise
     take the largest scale < 1: as little downscaling as possible. Among canvases with that scale, the
-    smallest area (least padding). Scales are computed in float32 like the references (torch default dtype),
-    so that near-equal scales compare exactly as they do there.
+    smallest area (least padding). Scales are computed in float32 like Meta's and transformers' ``get_best_fit``
+    (torch default dtype), so that near-equal scales compare exactly as they do there.
     """
     height, width = image_hw
     canvas = np.asarray(canvases, dtype=np.int64)  # (N, 2) rows of (height, width)
@@ -376,7 +377,8 @@ def best_fit_canvas(
 def fit_without_distortion(image_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
     """Largest (height, width) with the image's aspect ratio inside target_hw (floor on the free side).
 
-    Same float64 arithmetic as the references' ``get_max_res_without_distortion``; at least 1 pixel per side.
+    Same float64 arithmetic as Meta's and transformers' ``get_max_res_without_distortion``; at least 1 pixel per
+    side.
     """
     height, width = image_hw
     target_h, target_w = target_hw
@@ -419,7 +421,7 @@ def tile_count(grid: tuple[int, int]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pixels (reference section 3.1, steps 4-8)
+# Pixels (docs/architecture.md, "Image tiling", steps 4-7)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -14,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
 from .model import Model
+from .safetensors_reader import CheckpointReader
 from .weights import CheckpointError, canonical_module, sanitize
 
 __all__ = ["CheckpointError", "load", "load_model", "quantize_like_checkpoint", "infer_quant_params"]
@@ -29,25 +29,20 @@ def default_dtype() -> Optional[mx.Dtype]:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    """The shards of a checkpoint: those named by ``model.safetensors.index.json``, else every ``*.safetensors``."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {path}")
-    return files
+    """The shards of a checkpoint: those named by ``model.safetensors.index.json``, else every ``*.safetensors``.
+
+    Index and headers are checked by the converter's strict reader (``safetensors_reader.CheckpointReader``), so
+    the loader and the converter accept and refuse the same folders, with the same errors.
+    """
+    reader = CheckpointReader(path)
+    if reader.unlisted:
+        warnings.warn(f"{path}: shards that model.safetensors.index.json does not name are not read: "
+                      f"{', '.join(reader.unlisted)}", stacklevel=3)
+    return [f.path for f in reader.files]
 
 
 def read_weights(files: list[Path]) -> dict[str, mx.array]:
+    """All tensors of the (already checked) shards, as lazy arrays."""
     weights: dict[str, mx.array] = {}
     for f in files:
         try:

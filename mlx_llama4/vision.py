@@ -1,5 +1,6 @@
 """The Llama 4 vision tower: patchify, ViT encoder with 2-D RoPE, pixel shuffle, adapter, and the projector
-into the text model's hidden size (reference sections 3.2-3.5).
+into the text model's hidden size. The rules and their sources (transformers' modeling_llama4.py, Meta's
+llama_models/llama4/vision/) are in docs/architecture.md, "Vision tower".
 
 Shapes for the published models: tiles of S = 336 pixels, patch p = 14, P = 24 patches per side, N = 576 patches
 (+1 CLS), hidden D = 1408, 16 heads of Dh = 88, MLP width 5632, pixel-shuffle ratio 0.5 -> 144 tokens of 5632,

@@ -16,7 +16,8 @@ quantization runs along the input and the fused gate+up stays one gather-matmul.
   exact for quantized tensors too, since quantization groups run along the input.
 - ours (written by ``mlx_llama4.convert``): ``experts.gate_up_proj.{weight,scales,biases}``, ``experts.down_proj.*``.
 
-Planning (``plan_layout``) looks at names, shapes and dtypes only. Each planned ``Entry`` reads rows ``[a:b]`` of its
+Planning (``plan_layout``) looks at names, shapes and dtypes only: one planner per layout (``_plan_*``), run in
+turn on the tensors that no earlier planner claimed. Each planned ``Entry`` reads rows ``[a:b]`` of its
 outputs (along axis 0: output rows, or experts) through a getter, so the converter can stream one block of rows at a
 time from files while ``sanitize`` reads whole tensors from a dict of (lazy) arrays.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Mapping, NamedTuple, Optional
 
 import mlx.core as mx
@@ -109,173 +111,198 @@ def _check_fp8(name: str, info: TensorInfo) -> None:
         raise CheckpointError(f"{name}: has a weight_scale, so float8 data is expected, but its dtype is {info.dtype}")
 
 
+# canonical name -> (the tensor's name in the checkpoint, its shape and dtype)
+Tensors = Mapping[str, tuple[str, TensorInfo]]
+# A planner takes the tensors no earlier planner claimed and returns its entries and the names it claimed.
+Planner = Callable[[Tensors, mx.Dtype], tuple[list[Entry], set[str]]]
+
+
+def _read_rows(get: Getter, a, b, *, names: Mapping[str, str]) -> dict[str, mx.array]:
+    """Our tensors as they are in the checkpoint: ``names`` maps each output to its source tensor."""
+    return {out: get(src, a, b) for out, src in names.items()}
+
+
+def _read_fp8(get: Getter, a, b, *, name: str, weight: str, scale: str, per_row: bool, dtype: mx.Dtype):
+    return {name: _dequant_fp8(get(weight, a, b), get(scale, a, b) if per_row else get(scale, None, None), dtype)}
+
+
+def _read_hf_experts(get: Getter, a, b, *, name: str, weight: str, scale: Optional[str], n_out: int,
+                     dtype: mx.Dtype):
+    w = get(weight, a, b)  # (e, in, out)
+    if scale is not None:
+        w = _dequant_fp8(w, get(scale, a, b).reshape(w.shape[0], 1, n_out), dtype)
+    return {name: w.swapaxes(-1, -2)}  # (e, out, in)
+
+
+def _read_stacked_experts(get: Getter, a, b, *, name: str, projections: tuple, n: int, dtype: mx.Dtype):
+    """Experts ``[a:b]``, each the concatenation along its rows of one tensor per projection (gate | up, or
+    down); ``projections`` holds, per projection, one ``(weight, scale or None)`` per expert."""
+
+    def load(weight: str, scale: Optional[str]) -> mx.array:
+        w = get(weight, None, None)
+        return w if scale is None else _dequant_fp8(w, get(scale, None, None), dtype)
+
+    experts = range(a or 0, n if b is None else b)
+    return {name: mx.stack([mx.concatenate([load(*proj[i]) for proj in projections]) for i in experts])}
+
+
+def _read_split_experts(get: Getter, a, b, *, names: Mapping[str, tuple[str, str]]):
+    """SwitchGLU: each fused output is its gate tensor and its up tensor concatenated along the output rows."""
+    return {out: mx.concatenate([get(gate, a, b), get(up, a, b)], axis=-2) for out, (gate, up) in names.items()}
+
+
+def _plan_hf_experts(tensors: Tensors, fp8_dtype: mx.Dtype) -> tuple[list[Entry], set[str]]:
+    """Hugging Face fused experts, input-major, optionally fbgemm FP8 with a per-output-column scale."""
+    entries, claimed = [], set()
+    for c in sorted(c for c in tensors if _HF_EXPERTS.match(c)):
+        src, info = tensors[c]
+        if len(info.shape) != 3:
+            raise CheckpointError(f"{src}: expected a 3-d expert tensor [experts, in, out], got shape {info.shape}")
+        E, n_in, n_out = info.shape
+        scale = tensors[c + "_scale"][0] if c + "_scale" in tensors else None
+        claimed.add(c)
+        if scale is not None:
+            claimed.add(c + "_scale")
+            _check_fp8(src, info)
+        name = c + ".weight"
+        read = partial(_read_hf_experts, name=name, weight=src, scale=scale, n_out=n_out, dtype=fp8_dtype)
+        dtype = fp8_dtype if scale is not None else info.dtype
+        entries.append(Entry(name, {name: TensorInfo((E, n_out, n_in), dtype)}, read,
+                             (src,) + ((scale,) if scale else ()), "hf-experts", fp8=scale is not None))
+    return entries, claimed
+
+
+def _plan_per_expert(tensors: Tensors, fp8_dtype: mx.Dtype) -> tuple[list[Entry], set[str]]:
+    """Per-expert Linear weights (bf16 or FP8), stacked into our fused layout."""
+    found: dict[str, dict[tuple[str, int], str]] = defaultdict(dict)  # experts prefix -> (proj, i) -> name
+    for c in tensors:
+        m = _PER_EXPERT.match(c)
+        if m:
+            found[m["p"]][(m["proj"], int(m["i"]))] = c
+    entries, claimed = [], set()
+    for p, names in sorted(found.items()):
+        n = 1 + max(i for _, i in names)
+        missing = [f"{p}.{i}.{proj}_proj.weight" for i in range(n) for proj in ("gate", "up", "down")
+                   if (proj, i) not in names]
+        if missing:
+            raise CheckpointError(f"per-expert layout of {p}: {len(missing)} tensor(s) missing, e.g. {missing[0]}")
+        projections, shapes = {}, {}
+        for proj in ("gate", "up", "down"):
+            weights = [names[(proj, i)] for i in range(n)]
+            proj_shapes = {tensors[w][1].shape for w in weights}
+            if len(proj_shapes) != 1 or len(next(iter(proj_shapes))) != 2:
+                raise CheckpointError(f"per-expert layout of {p}: {proj}_proj shapes differ or are not 2-d: "
+                                      f"{proj_shapes}")
+            scales = [w + "_scale" if w + "_scale" in tensors else None for w in weights]
+            if any(scales) and not all(scales):
+                raise CheckpointError(f"per-expert layout of {p}: some {proj}_proj experts have a weight_scale, "
+                                      "others do not")
+            for w, s in zip(weights, scales):
+                if s:
+                    _check_fp8(tensors[w][0], tensors[w][1])
+            claimed.update(weights + [s for s in scales if s])
+            projections[proj] = [(tensors[w][0], tensors[s][0] if s else None) for w, s in zip(weights, scales)]
+            shapes[proj] = next(iter(proj_shapes))
+        (I, D), up, down = shapes["gate"], shapes["up"], shapes["down"]
+        if up != (I, D) or down != (D, I):
+            raise CheckpointError(f"per-expert layout of {p}: gate {shapes['gate']}, up {up} and down {down} do not "
+                                  "fit together")
+        fp8 = projections["gate"][0][1] is not None
+        dtype = fp8_dtype if fp8 else tensors[names[("gate", 0)]][1].dtype
+        for name, projs, shape in ((p + ".gate_up_proj.weight", ("gate", "up"), (n, 2 * I, D)),
+                                   (p + ".down_proj.weight", ("down",), (n, D, I))):
+            read = partial(_read_stacked_experts, name=name, projections=tuple(projections[x] for x in projs), n=n,
+                           dtype=fp8_dtype)
+            sources = tuple(t for x in projs
+                            for t in [w for w, _ in projections[x]] + [s for _, s in projections[x] if s])
+            entries.append(Entry(name, {name: TensorInfo(shape, dtype)}, read, sources, "per-expert", fp8=fp8))
+    return entries, claimed
+
+
+def _plan_split_experts(tensors: Tensors, fp8_dtype: mx.Dtype) -> tuple[list[Entry], set[str]]:
+    """mlx-lm / mlx-vlm SwitchGLU: separate gate and up (float or quantized) -> fused gate_up."""
+    found: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)  # experts prefix -> (proj, part) -> name
+    for c in tensors:
+        m = _SPLIT.match(c)
+        if m:
+            found[m["p"]][(m["proj"], m["part"])] = c
+    entries, claimed = [], set()
+    for p, names in sorted(found.items()):
+        parts = [part for part in _QUANT_PARTS if ("gate", part) in names or ("up", part) in names]
+        for part in parts:
+            g, u = names.get(("gate", part)), names.get(("up", part))
+            if g is None or u is None:
+                raise CheckpointError(f"{p}: has {(g or u)!r} but not its {'up' if u is None else 'gate'} "
+                                      "counterpart; gate and up projections must come together")
+            (_, gi), (_, ui) = tensors[g], tensors[u]
+            if gi.shape != ui.shape or len(gi.shape) != 3 or gi.dtype != ui.dtype:
+                raise CheckpointError(f"{p}: gate_proj.{part} {gi.shape} and up_proj.{part} {ui.shape} "
+                                      "differ (both must be [experts, out, in] with the same quantization)")
+            claimed.update((g, u))
+        if "weight" not in parts:
+            raise CheckpointError(f"{p}: gate_proj/up_proj scales without weights")
+        outputs, sources = {}, {}
+        for part in parts:
+            (gate, info), (up, _) = tensors[names[("gate", part)]], tensors[names[("up", part)]]
+            E, rows, cols = info.shape
+            outputs[f"{p}.gate_up_proj.{part}"] = TensorInfo((E, 2 * rows, cols), info.dtype)
+            sources[f"{p}.gate_up_proj.{part}"] = (gate, up)
+        read = partial(_read_split_experts, names=sources)
+        entries.append(Entry(f"{p}.gate_up_proj.weight", outputs, read, tuple(s for gu in sources.values() for s in gu),
+                             "split-experts", quantized="scales" in parts))
+    return entries, claimed
+
+
+def _plan_linear(tensors: Tensors, fp8_dtype: mx.Dtype) -> tuple[list[Entry], set[str]]:
+    """Everything else: FP8 Linear weights (with their ``weight_scale``), quantized layers (``weight`` with its
+    ``scales`` and ``biases``), and plain tensors."""
+    entries, claimed = [], set()
+    for c in sorted(c for c in tensors if c.endswith(".weight")):
+        x = c[: -len(".weight")]
+        src, info = tensors[c]
+        if x + ".weight_scale" in tensors:
+            scale, scale_info = tensors[x + ".weight_scale"]
+            _check_fp8(src, info)
+            per_row = bool(scale_info.shape) and scale_info.shape[0] == info.shape[0] > 1
+            read = partial(_read_fp8, name=c, weight=src, scale=scale, per_row=per_row, dtype=fp8_dtype)
+            entries.append(Entry(c, {c: TensorInfo(info.shape, fp8_dtype)}, read, (src, scale), "fp8", fp8=True))
+            claimed.update((c, x + ".weight_scale"))
+        elif x + ".scales" in tensors:
+            names = [f"{x}.{part}" for part in _QUANT_PARTS if f"{x}.{part}" in tensors]
+            read = partial(_read_rows, names={n: tensors[n][0] for n in names})
+            entries.append(Entry(c, {n: tensors[n][1] for n in names}, read, tuple(tensors[n][0] for n in names),
+                                 "quantized", quantized=True))
+            claimed.update(names)
+    for c in sorted(set(tensors) - claimed):
+        src, info = tensors[c]
+        entries.append(Entry(c, {c: info}, partial(_read_rows, names={c: src}), (src,)))
+        claimed.add(c)
+    return entries, claimed
+
+
+# In this order: the expert planners claim disjoint name patterns; the last one takes all that is left.
+_PLANNERS: tuple[Planner, ...] = (_plan_hf_experts, _plan_per_expert, _plan_split_experts, _plan_linear)
+
+
 def plan_layout(info: Mapping[str, TensorInfo], fp8_dtype: mx.Dtype = mx.float32) -> list[Entry]:
     """Plan how to produce our tensors from a checkpoint's tensors (given by name -> shape, dtype).
 
     FP8 weights are dequantized to ``fp8_dtype``. Tensors that fit no known pattern are passed through under
     their canonical name; the caller's check against the model then names them as unexpected.
     """
-    canon: dict[str, str] = {}
-    for src in info:
+    tensors: dict[str, tuple[str, TensorInfo]] = {}
+    for src, src_info in info.items():
         c = canonical_name(src)
         if c is None:
             continue
-        if c in canon:
-            raise CheckpointError(f"tensors {canon[c]!r} and {src!r} both map to {c!r}")
-        canon[c] = src
-    inf = {c: info[s] for c, s in canon.items()}
-    used: set[str] = set()
+        if c in tensors:
+            raise CheckpointError(f"tensors {tensors[c][0]!r} and {src!r} both map to {c!r}")
+        tensors[c] = (src, src_info)
     entries: list[Entry] = []
-
-    # 1. Hugging Face fused experts, input-major, optionally fbgemm FP8 with a per-output-column scale.
-    for c in sorted(canon):
-        m = _HF_EXPERTS.match(c)
-        if not m:
-            continue
-        used.add(c)
-        src, shape = canon[c], inf[c].shape
-        if len(shape) != 3:
-            raise CheckpointError(f"{src}: expected a 3-d expert tensor [experts, in, out], got shape {shape}")
-        E, n_in, n_out = shape
-        scale = canon.get(c + "_scale")
-        if scale is not None:
-            used.add(c + "_scale")
-            _check_fp8(src, inf[c])
-
-        def read(get, a, b, src=src, scale=scale, name=c + ".weight", n_out=n_out):
-            w = get(src, a, b)  # (e, in, out)
-            if scale is not None:
-                s = get(scale, a, b).reshape(w.shape[0], 1, n_out)
-                w = _dequant_fp8(w, s, fp8_dtype)
-            return {name: w.swapaxes(-1, -2)}  # (e, out, in)
-
-        dtype = fp8_dtype if scale is not None else inf[c].dtype
-        entries.append(Entry(c + ".weight", {c + ".weight": TensorInfo((E, n_out, n_in), dtype)}, read,
-                             (src,) + ((scale,) if scale else ()), "hf-experts", fp8=scale is not None))
-
-    # 2. Per-expert Linear weights (bf16 or FP8), stacked into our fused layout.
-    per_expert: dict[str, dict[tuple[str, int], str]] = defaultdict(dict)
-    for c in canon:
-        m = _PER_EXPERT.match(c)
-        if m:
-            per_expert[m["p"]][(m["proj"], int(m["i"]))] = c
-    for p, found in sorted(per_expert.items()):
-        n = 1 + max(i for _, i in found)
-        missing = [f"{p}.{i}.{proj}_proj.weight" for i in range(n) for proj in ("gate", "up", "down")
-                   if (proj, i) not in found]
-        if missing:
-            raise CheckpointError(f"per-expert layout of {p}: {len(missing)} tensor(s) missing, e.g. {missing[0]}")
-        parts = {}
-        for proj in ("gate", "up", "down"):
-            names = [found[(proj, i)] for i in range(n)]
-            shapes = {inf[x].shape for x in names}
-            if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-                raise CheckpointError(f"per-expert layout of {p}: {proj}_proj shapes differ or are not 2-d: {shapes}")
-            scales = [canon.get(x + "_scale") for x in names]
-            if any(scales) and not all(scales):
-                raise CheckpointError(f"per-expert layout of {p}: some {proj}_proj experts have a weight_scale, "
-                                      "others do not")
-            for x, s in zip(names, scales):
-                used.add(x)
-                if s:
-                    used.add(x + "_scale")
-                    _check_fp8(canon[x], inf[x])
-            parts[proj] = ([canon[x] for x in names], [canon[x + "_scale"] if s else None for x, s in
-                                                         zip(names, scales)], next(iter(shapes)))
-        fp8 = parts["gate"][1][0] is not None
-        dtype = fp8_dtype if fp8 else inf[found[("gate", 0)]].dtype
-        (I, D), (Iu, Du), (Dd, Id) = parts["gate"][2], parts["up"][2], parts["down"][2]
-        if (I, D) != (Iu, Du) or (Dd, Id) != (D, I):
-            raise CheckpointError(f"per-expert layout of {p}: gate {parts['gate'][2]}, up {parts['up'][2]} and "
-                                  f"down {parts['down'][2]} do not fit together")
-
-        def load(get, w, s):
-            return get(w, None, None) if s is None else _dequant_fp8(get(w, None, None), get(s, None, None), fp8_dtype)
-
-        def read_gate_up(get, a, b, parts=parts, name=p + ".gate_up_proj.weight", n=n):
-            (gw, gs, _), (uw, us, _) = parts["gate"], parts["up"]
-            rows = [mx.concatenate([load(get, gw[i], gs[i]), load(get, uw[i], us[i])], axis=0)
-                    for i in range(a or 0, n if b is None else b)]
-            return {name: mx.stack(rows)}  # (e, 2I, D)
-
-        def read_down(get, a, b, parts=parts, name=p + ".down_proj.weight", n=n):
-            dw, ds, _ = parts["down"]
-            return {name: mx.stack([load(get, dw[i], ds[i]) for i in range(a or 0, n if b is None else b)])}
-
-        srcs = tuple(x for proj in ("gate", "up") for x in parts[proj][0] + [s for s in parts[proj][1] if s])
-        entries.append(Entry(p + ".gate_up_proj.weight", {p + ".gate_up_proj.weight": TensorInfo((n, 2 * I, D), dtype)},
-                             read_gate_up, srcs, "per-expert", fp8=fp8))
-        srcs = tuple(parts["down"][0] + [s for s in parts["down"][1] if s])
-        entries.append(Entry(p + ".down_proj.weight", {p + ".down_proj.weight": TensorInfo((n, D, I), dtype)},
-                             read_down, srcs, "per-expert", fp8=fp8))
-
-    # 3. mlx-lm / mlx-vlm SwitchGLU: separate gate and up (float or quantized) -> fused gate_up.
-    split: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
-    for c in canon:
-        m = _SPLIT.match(c)
-        if m and c not in used:
-            split[m["p"]][(m["proj"], m["part"])] = c
-    for p, found in sorted(split.items()):
-        parts = [part for part in _QUANT_PARTS if ("gate", part) in found or ("up", part) in found]
-        for part in parts:
-            g, u = found.get(("gate", part)), found.get(("up", part))
-            if g is None or u is None:
-                raise CheckpointError(f"{p}: has {(g or u)!r} but not its {'up' if u is None else 'gate'} "
-                                      "counterpart; gate and up projections must come together")
-            if inf[g].shape != inf[u].shape or len(inf[g].shape) != 3 or inf[g].dtype != inf[u].dtype:
-                raise CheckpointError(f"{p}: gate_proj.{part} {inf[g].shape} and up_proj.{part} {inf[u].shape} "
-                                      "differ (both must be [experts, out, in] with the same quantization)")
-            used.update((g, u))
-        if "weight" not in parts:
-            raise CheckpointError(f"{p}: gate_proj/up_proj scales without weights")
-        outputs = {}
-        for part in parts:
-            E, rows, cols = inf[found[("gate", part)]].shape
-            outputs[f"{p}.gate_up_proj.{part}"] = TensorInfo((E, 2 * rows, cols), inf[found[("gate", part)]].dtype)
-
-        def read(get, a, b, p=p, parts=parts, found=found):
-            return {f"{p}.gate_up_proj.{part}": mx.concatenate(
-                [get(canon[found[("gate", part)]], a, b), get(canon[found[("up", part)]], a, b)], axis=-2)
-                for part in parts}
-
-        srcs = tuple(canon[found[(proj, part)]] for part in parts for proj in ("gate", "up"))
-        entries.append(Entry(f"{p}.gate_up_proj.weight", outputs, read, srcs, "split-experts",
-                             quantized="scales" in parts))
-
-    # 4. Everything else: quantized layers (weight + scales [+ biases]) and FP8 Linear weights first, so that
-    #    their companions are claimed, then plain tensors.
-    for c in sorted(canon, key=lambda n: not n.endswith(".weight")):
-        if c in used:
-            continue
-        if c.endswith(".weight"):
-            x = c[: -len(".weight")]
-            if x + ".weight_scale" in canon:
-                used.update((c, x + ".weight_scale"))
-                _check_fp8(canon[c], inf[c])
-
-                def read(get, a, b, w=canon[c], s=canon[x + ".weight_scale"], c=c, per_row=inf[x + ".weight_scale"]):
-                    scale = get(s, a, b) if per_row.shape and per_row.shape[0] == inf[c].shape[0] > 1 else get(s, None, None)
-                    return {c: _dequant_fp8(get(w, a, b), scale, fp8_dtype)}
-
-                entries.append(Entry(c, {c: TensorInfo(inf[c].shape, fp8_dtype)}, read,
-                                     (canon[c], canon[x + ".weight_scale"]), "fp8", fp8=True))
-                continue
-            if x + ".scales" in canon:
-                names = [f"{x}.{part}" for part in _QUANT_PARTS if f"{x}.{part}" in canon]
-                used.update(names)
-
-                def read(get, a, b, names=names):
-                    return {n: get(canon[n], a, b) for n in names}
-
-                entries.append(Entry(c, {n: inf[n] for n in names}, read, tuple(canon[n] for n in names),
-                                     "quantized", quantized=True))
-                continue
-        used.add(c)
-
-        def read(get, a, b, c=c):
-            return {c: get(canon[c], a, b)}
-
-        entries.append(Entry(c, {c: inf[c]}, read, (canon[c],)))
+    for planner in _PLANNERS:
+        planned, claimed = planner(tensors, fp8_dtype)
+        entries += planned
+        tensors = {c: t for c, t in tensors.items() if c not in claimed}
     return entries
 
 

@@ -348,6 +348,8 @@ def test_mlx_vlm_checkpoint(hub_style_scout, tmp_path, recipe):
     t = mx.load(str(renamed / "model.safetensors"))
     mx.save_safetensors(str(renamed / "model.safetensors"),
                         {k.replace(".experts.", ".switch_mlp."): v for k, v in t.items()})
+    index = renamed / "model.safetensors.index.json"  # the strict reader refuses an index naming absent tensors
+    index.write_text(index.read_text().replace(".experts.", ".switch_mlp."))
     assert rel_err(logits(renamed), ours) <= 1e-6
     # the converter reads it too: kept packed (re-laid out, gate|up fused) or dequantized
     kept = run_convert(out, tmp_path / "kept").path
@@ -410,8 +412,7 @@ def test_cli_converts_from_hub_with_only_the_needed_files(hub_repo, maverick, tm
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         fetched = set(hub.fetched("GET"))
-    needed = {p.name for p in hub_repo.iterdir() if p.is_file()} - {"README.md", "LICENSE",
-                                                                     "stale-00001-of-00001.safetensors"}
+    needed = {p.name for p in hub_repo.iterdir() if p.is_file()} - {"stale-00001-of-00001.safetensors"}
     assert fetched == needed
     assert rel_err(logits(tmp_path / "out"), maverick[2]) <= PARITY
     assert "base_model: org/tiny" in (tmp_path / "out" / "README.md").read_text()

@@ -1,7 +1,8 @@
 """A small byte-level BPE tokenizer for the demo model, with Llama 4's special tokens by their real names.
 
-The layout mirrors the real tokenizer (reference section 5) at a small scale: ``BASE_VOCAB`` BPE tokens first
-(any byte sequence encodes, so any user text works), then the special tokens in Llama 4's own order
+The layout mirrors the real tokenizer (Meta's llama_models/llama4/tokenizer.py; docs/architecture.md, "Tokenizer")
+at a small scale: ``BASE_VOCAB`` BPE tokens first (any byte sequence encodes, so any user text works), then the
+special tokens in Llama 4's own order
 (``<|begin_of_text|>``, ``<|end_of_text|>``, ..., ``<|image|>``, ``<|vision_reserved_special_token_6|>``,
 ``<|patch|>``), then ``<|reserved_special_token_k|>`` fillers up to ``VOCAB_SIZE``. Nothing downstream may
 assume the real ids: the model config carries them (bos/eos/pad/image_token_index/boi/eoi) and the processor
