@@ -10,7 +10,7 @@ should not pay.
 """
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -45,17 +45,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from .config import ConfigError, ModelConfig, load_config
-    from .generation import (
-        GenerationChunk,
-        PromptCache,
-        generate,
-        load_prompt_cache,
-        save_prompt_cache,
-        stream_generate,
-    )
-    from .loading import CheckpointError, load, load_model
-    from .model import Model
-    from .processor import Processor, load_processor

@@ -140,37 +140,6 @@ def _image_keys(ids: np.ndarray, pixel_values: Optional[np.ndarray], grids: list
     return keys, spans, first_tiles
 
 
-def read_generation_config(path: Path) -> dict:
-    """Sampling defaults and end tokens from a checkpoint's ``generation_config.json`` (absent: greedy)."""
-    file = Path(path) / "generation_config.json"
-    if not file.exists():
-        return {}
-    try:
-        cfg = json.loads(file.read_text())
-        eos = cfg.get("eos_token_id")
-        out = {"eos_token_ids": [eos] if _is_int(eos) else list(eos or [])}
-        if not all(_is_int(i) for i in out["eos_token_ids"]):
-            raise ValueError(f"eos_token_id must be an integer or a list of integers, got {eos!r}")
-        if cfg.get("do_sample"):
-            for key in ("temperature", "top_p", "top_k"):
-                if cfg.get(key) is not None:
-                    out[key] = cfg[key]
-        check_sampling(**{k: v for k, v in out.items() if k != "eos_token_ids"})
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"{file}: {e}") from None
-    return out
-
-
-def _stop_tokens(model: Model, processor: Any, defaults: dict) -> set[int]:
-    return set(processor.eos_token_ids) | set(model.config.text.eos_token_id) | set(defaults.get("eos_token_ids", []))
-
-
-def _special_tokens(tokenizer: Any) -> set[int]:
-    """The tokenizer's special tokens (``<|eot|>``, ``<|python_start|>``, reserved ones ...): control tokens that
-    a reply's text never shows (its chunks' ``token`` still carry them)."""
-    return {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
-
-
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -224,6 +193,37 @@ def kv_group_size_for(model: Model, kv_bits: Optional[int], kv_group_size: Optio
         raise ValueError(f"kv_group_size {kv_group_size!r} does not fit this model's head size {head}: the KV cache "
                          f"is quantized along the head size; valid group sizes: {valid} (None: automatic)")
     return int(kv_group_size)
+
+
+def read_generation_config(path: Path) -> dict:
+    """Sampling defaults and end tokens from a checkpoint's ``generation_config.json`` (absent: greedy)."""
+    file = Path(path) / "generation_config.json"
+    if not file.exists():
+        return {}
+    try:
+        cfg = json.loads(file.read_text())
+        eos = cfg.get("eos_token_id")
+        out = {"eos_token_ids": [eos] if _is_int(eos) else list(eos or [])}
+        if not all(_is_int(i) for i in out["eos_token_ids"]):
+            raise ValueError(f"eos_token_id must be an integer or a list of integers, got {eos!r}")
+        if cfg.get("do_sample"):
+            for key in ("temperature", "top_p", "top_k"):
+                if cfg.get(key) is not None:
+                    out[key] = cfg[key]
+        check_sampling(**{k: v for k, v in out.items() if k != "eos_token_ids"})
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from None
+    return out
+
+
+def _stop_tokens(model: Model, processor: Any, defaults: dict) -> set[int]:
+    return set(processor.eos_token_ids) | set(model.config.text.eos_token_id) | set(defaults.get("eos_token_ids", []))
+
+
+def _special_tokens(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens (``<|eot|>``, ``<|python_start|>``, reserved ones ...): control tokens that
+    a reply's text never shows (its chunks' ``token`` still carry them)."""
+    return {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
 
 
 def stream_generate(

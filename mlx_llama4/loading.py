@@ -148,7 +148,8 @@ def refuse_modelopt(path: Path) -> None:
     """
     _, raw = read_config_json(path)
     quant = raw.get("quantization_config")
-    if (isinstance(quant, dict) and quant.get("quant_method") == "modelopt") or (path / "hf_quant_config.json").exists():
+    modelopt = isinstance(quant, dict) and quant.get("quant_method") == "modelopt"
+    if modelopt or (path / "hf_quant_config.json").exists():
         raise CheckpointError(
             f"{path}: an NVIDIA ModelOpt FP8 checkpoint (quant_method 'modelopt' / hf_quant_config.json); this FP8 "
             "flavour is not supported. Use the official bf16 checkpoint (e.g. meta-llama/Llama-4-Scout-17B-16E-"

@@ -123,6 +123,13 @@ def test_an_interrupted_stream_is_cancelled_at_once(spy):
     assert spy[0]["closed"]  # closed before the exception left _stream, not whenever it is collected
 
 
+def _main(argv):
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # would stop the whole test session
+        pytest.fail("Ctrl-C escaped main")
+
+
 def test_exit_codes(spy, monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--prompt", "Hi", "--no-such-flag"])
@@ -134,7 +141,7 @@ def test_exit_codes(spy, monkeypatch, capsys, tmp_path):
     assert "top_p must be a number in (0, 1]" in capsys.readouterr().err
 
     monkeypatch.setattr(sys, "stdout", _Interrupting(2))  # Ctrl-C while the reply streams
-    assert main(["generate", "--prompt", "Hello!", "-m", "20", "--temp", "0"]) == 130
+    assert _main(["generate", "--prompt", "Hello!", "-m", "20", "--temp", "0"]) == 130
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err and spy[-1]["closed"]
@@ -144,10 +151,10 @@ def test_exit_codes(spy, monkeypatch, capsys, tmp_path):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(sys, "stdin", CtrlC())  # Ctrl-C at the chat prompt
-    assert main(["chat"]) == 130
+    assert _main(["chat"]) == 130
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n"))
     monkeypatch.setattr(sys, "stdout", _Interrupting(3))  # Ctrl-C during a chat reply
-    assert main(["chat", "-m", "20"]) == 130
+    assert _main(["chat", "-m", "20"]) == 130
     monkeypatch.undo()
     assert spy[-1]["closed"] and "Traceback" not in capsys.readouterr().err
 

@@ -3,7 +3,6 @@ their effect; prompt cache reuse, saving and ownership; KV quantization against 
 
 import json
 import re
-import shutil
 from contextlib import contextmanager
 
 import mlx.core as mx
