@@ -85,9 +85,11 @@ def _generate(args: argparse.Namespace, stdin: Optional[TextIO] = None, out: Opt
 
 def _chat(args: argparse.Namespace, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> int:
     from . import PromptCache, load, stream_generate
+    from .generation import resolve_sampling
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     model, processor = load(args.model, revision=args.revision)
+    resolve_sampling(model, processor, **_sampling(args))  # bad settings end the session before it starts
     cache, messages, pending = PromptCache(model), _system(args), []
     out.write(f"Chat with Llama 4. Commands: {CHAT_COMMANDS}.\n")
     while True:

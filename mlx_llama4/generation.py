@@ -195,6 +195,29 @@ def kv_group_size_for(model: Model, kv_bits: Optional[int], kv_group_size: Optio
     return int(kv_group_size)
 
 
+def resolve_sampling(model: Model, processor: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                     temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
+                     min_p: float = 0.0, repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
+                     kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None,
+                     prefill_step_size: Optional[int] = None) -> dict:
+    """The settings a generation runs with (``stream_generate``'s keywords): the checkpoint's defaults
+    (``processor.generation_config``) for temperature, top-p and top-k not given, every value checked (a
+    ``ValueError`` names the bad one), the KV group size chosen. Front ends call it to refuse bad settings
+    before any prompt is read."""
+    defaults = getattr(processor, "generation_config", {}) or {}
+    settings = dict(
+        max_tokens=max_tokens,
+        temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
+        top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
+        top_k=defaults.get("top_k", 0) if top_k is None else top_k,
+        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, prefill_step_size=prefill_step_size,
+    )
+    check_sampling(**settings)
+    if settings["top_k"] >= model.config.text.vocab_size:
+        settings["top_k"] = 0  # keeps every token, as no top-k filter does
+    return dict(settings, kv_bits=kv_bits, kv_group_size=kv_group_size_for(model, kv_bits, kv_group_size))
+
+
 def read_generation_config(path: Path) -> dict:
     """Sampling defaults and end tokens from a checkpoint's ``generation_config.json`` (absent: greedy)."""
     file = Path(path) / "generation_config.json"
@@ -258,19 +281,13 @@ def stream_generate(
     a long prefill to one chunk's. The text of the chunks never contains special tokens.
     """
     tic = time.perf_counter()
-    defaults = getattr(processor, "generation_config", {}) or {}
-    temperature = defaults.get("temperature", 0.0) if temperature is None else temperature
-    top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
-    top_k = defaults.get("top_k", 0) if top_k is None else top_k
-    check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                   repetition_penalty=repetition_penalty, seed=seed, prefill_step_size=prefill_step_size)
-    kv_group_size = kv_group_size_for(model, kv_bits, kv_group_size)
-    if top_k >= model.config.text.vocab_size:
-        top_k = 0  # keeps every token, as no top-k filter does
+    settings = resolve_sampling(model, processor, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                kv_bits=kv_bits, kv_group_size=kv_group_size, prefill_step_size=prefill_step_size)
     if prompt_cache is not None:
         _check_cache_model(prompt_cache.model_id, model, "this prompt cache")
-    if seed is not None:
-        mx.random.seed(seed)
+    if settings["seed"] is not None:
+        mx.random.seed(settings["seed"])
     inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt), images=images)
     ids = np.asarray(inputs["input_ids"])[0]
     pixels = inputs["pixel_values"]
@@ -281,7 +298,7 @@ def stream_generate(
     if len(ids) >= limit:
         raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {limit} positions "
                          "(max_position_embeddings)")
-    max_tokens = min(max_tokens, limit - len(ids))
+    max_tokens = min(settings["max_tokens"], limit - len(ids))
 
     cache = prompt_cache or PromptCache(model)
     start = cache.reuse(keys, spans)
@@ -291,16 +308,17 @@ def stream_generate(
     if later:
         embeddings = model.embed(feed[None], mx.array(pixels[first_tiles[later[0]]:]))[0]  # (L, D)
 
-    stops = _stop_tokens(model, processor, defaults)
+    stops = _stop_tokens(model, processor, getattr(processor, "generation_config", {}) or {})
     hidden = _special_tokens(processor.tokenizer)
     detokenizer = NaiveStreamingDetokenizer(processor.tokenizer)
     steps = generate_step(
         feed, model.language_model, max_tokens=max_tokens,
-        sampler=make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k),
-        logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
+        sampler=make_sampler(temp=settings["temperature"], top_p=settings["top_p"], min_p=settings["min_p"],
+                             top_k=settings["top_k"]),
+        logits_processors=make_logits_processors(repetition_penalty=settings["repetition_penalty"]),
         prompt_cache=cache.layers,
-        prefill_step_size=prefill_step_size or model.config.text.attention_chunk_size or 2048,
-        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=0,
+        prefill_step_size=settings["prefill_step_size"] or model.config.text.attention_chunk_size or 2048,
+        kv_bits=settings["kv_bits"], kv_group_size=settings["kv_group_size"], quantized_kv_start=0,
         prompt_progress_callback=progress, input_embeddings=embeddings,
     )
     generated: list[int] = []

@@ -139,6 +139,10 @@ def test_exit_codes(spy, monkeypatch, capsys, tmp_path):
     assert err.startswith("mlx-llama4: error: ") and "absent: no such folder" in err
     assert main(["generate", "--prompt", "Hi", "--top-p", "1.5"]) == 2
     assert "top_p must be a number in (0, 1]" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n"))
+    calls = len(spy)
+    assert main(["chat", "--kv-bits", "4", "--kv-group-size", "64"]) == 2 and len(spy) == calls  # no turn ran
+    assert "head size 32" in capsys.readouterr().err
 
     monkeypatch.setattr(sys, "stdout", _Interrupting(2))  # Ctrl-C while the reply streams
     assert _main(["generate", "--prompt", "Hello!", "-m", "20", "--temp", "0"]) == 130
