@@ -1,17 +1,32 @@
-"""``mlx-llama4``: generate, chat, convert and app from the command line (flags as in ``mlx_lm.generate``)."""
+"""``mlx-llama4``: generate, chat, convert and app from the command line (flags as in ``mlx_lm.generate``).
+
+Exit codes, the same for every subcommand: 0 success, 2 a usage or input error (a bad flag, as argparse
+reports it, a missing file, a bad value, a checkpoint that cannot be read), 1 an unexpected failure (with
+its traceback), 130 interrupted by Ctrl-C (after cancelling the reply being generated).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from contextlib import closing
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# What a user can fix: a path, a value, a checkpoint, Hub access (ConfigError, CheckpointError, ImageError
+# and ProcessorError are ValueErrors).
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+CHAT_COMMANDS = "/image PATH (attach an image), /reset (start over), /quit (or Ctrl-D: leave)"
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo",
                    help="local checkpoint folder or Hugging Face repo id (default: the bundled demo model)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--system-prompt", "--system", dest="system_prompt", default=None, help="system prompt")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=None, help="sampling temperature (default: the checkpoint's)")
     p.add_argument("--top-p", type=float, default=None)
@@ -20,7 +35,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache of every layer to these bits")
-    p.add_argument("--kv-group-size", type=int, default=64)
+    p.add_argument("--kv-group-size", type=int, default=None,
+                   help="KV quantization group size (default: automatic, 64 or 32, whichever divides the head size)")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -29,74 +45,106 @@ def _sampling(args: argparse.Namespace) -> dict:
                 kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
 
 
-def _stream(chunks, out) -> None:
-    last = None
-    for last in chunks:
-        out.write(last.text)
-        out.flush()
-    if last is not None:
+def _system(args: argparse.Namespace) -> list[dict]:
+    return [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+
+
+def _stream(chunks, out: TextIO, stats: bool) -> str:
+    """Write a reply as it streams, then a newline or (``stats``) a stats line; the stream is closed (its
+    generation cancelled) even when interrupted. Returns the reply's text."""
+    last, text = None, []
+    with closing(chunks):
+        for last in chunks:
+            text.append(last.text)
+            out.write(last.text)
+            out.flush()
+    if not stats:
+        out.write("\n")
+    elif last is not None:
         out.write(
             f"\n[prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | generation: "
             f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | first token "
             f"{last.time_to_first_token:.2f} s | peak memory {last.peak_memory:.2f} GB]\n"
         )
+    return "".join(text)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _generate(args: argparse.Namespace, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> int:
     from . import load, stream_generate
     from .chat_template import user_turn
 
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    prompt = stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip() and not args.image:
+        raise ValueError("the prompt is empty" + (" (nothing on standard input)" if args.prompt == "-" else ""))
     model, processor = load(args.model, revision=args.revision)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        user_turn(args.prompt, len(args.image))
-    ]
-    _stream(stream_generate(model, processor, messages, images=args.image, **_sampling(args)), sys.stdout)
-    return 0
+    messages = _system(args) + [user_turn(prompt, len(args.image))]
+    _stream(stream_generate(model, processor, messages, images=args.image, **_sampling(args)), out, stats=True)
+    return EXIT_OK
 
 
-def _chat(args: argparse.Namespace, stdin=sys.stdin, out=sys.stdout) -> int:
+def _chat(args: argparse.Namespace, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> int:
     from . import PromptCache, load, stream_generate
+    from .generation import resolve_sampling
 
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     model, processor = load(args.model, revision=args.revision)
-    cache, messages, pending = PromptCache(model), [], []
-    out.write("Chat with Llama 4. /image PATH attaches an image, /reset starts over, /quit (or Ctrl-D) leaves.\n")
+    resolve_sampling(model, processor, **_sampling(args))  # bad settings end the session before it starts
+    cache, messages, pending = PromptCache(model), _system(args), []
+    out.write(f"Chat with Llama 4. Commands: {CHAT_COMMANDS}.\n")
     while True:
         out.write("> ")
         out.flush()
         line = stdin.readline()
-        if not line or line.strip() == "/quit":
-            return 0
-        line = line.strip()
-        if line.startswith("/image "):
-            path = Path(line[len("/image ") :].strip()).expanduser()
-            if path.is_file():
-                pending.append(str(path))
-                out.write(f"[attached {path.name}]\n")
-            else:
-                out.write(f"[no such file: {path}]\n")
-            continue
-        if line == "/reset":
-            cache, messages, pending = PromptCache(model), [], []
-            out.write("[conversation cleared]\n")
-            continue
         if not line:
+            return EXIT_OK
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            if command == "/quit":
+                return EXIT_OK
+            if command == "/reset":
+                cache, messages, pending = PromptCache(model), _system(args), []
+                out.write("[conversation cleared]\n")
+            elif command == "/image" and argument.strip():
+                path = Path(argument.strip()).expanduser()
+                if path.is_file():
+                    pending.append(str(path))
+                    out.write(f"[attached {path.name}]\n")
+                else:
+                    out.write(f"[no such file: {path}]\n")
+            elif command == "/image":
+                out.write("[usage: /image PATH]\n")
+            else:
+                out.write(f"[unknown command {command}; commands: {CHAT_COMMANDS}]\n")
             continue
         parts = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
         messages.append({"role": "user", "content": parts})
-        reply = []
+        pending = []
         try:
-            for chunk in stream_generate(model, processor, messages, prompt_cache=cache, **_sampling(args)):
-                reply.append(chunk.text)
-                out.write(chunk.text)
-                out.flush()
+            chunks = stream_generate(model, processor, messages, prompt_cache=cache, **_sampling(args))
+            reply = _stream(chunks, out, stats=False)
         except ValueError as e:  # a bad image or an over-long conversation: say so and keep the session
             messages.pop()
             out.write(f"[error: {e}]\n")
             continue
-        finally:
-            pending = []
-        out.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": reply})
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx-llama4", description="Llama 4 in MLX")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a reply to one prompt")
+    _add_sampling(g)
+    g.add_argument("--prompt", "-p", required=True, help="the prompt ('-': read it from standard input)")
+    g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    c = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    _add_sampling(c)
+    sub.add_parser("convert", help="convert a checkpoint to MLX (see mlx-llama4 convert --help)")
+    sub.add_parser("app", help="local web chat with images (see mlx-llama4 app --help)")
+    return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -109,23 +157,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .app.cli import main as app_main
 
         return app_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="mlx-llama4", description="Llama 4 in MLX")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate a reply to one prompt")
-    _add_sampling(g)
-    g.add_argument("--prompt", "-p", required=True)
-    g.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    g.add_argument("--system", default=None, help="system prompt")
-    c = sub.add_parser("chat", help="multi-turn chat in the terminal")
-    _add_sampling(c)
-    sub.add_parser("convert", help="convert a checkpoint to MLX (see mlx-llama4 convert --help)")
-    sub.add_parser("app", help="local web chat with images (see mlx-llama4 app --help)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)  # a usage error exits with 2
     try:
         return _generate(args) if args.command == "generate" else _chat(args)
-    except (FileNotFoundError, ValueError) as e:
+    except KeyboardInterrupt:
+        print("\nmlx-llama4: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except INPUT_ERRORS as e:
         print(f"mlx-llama4: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Exception:  # a bug or an environment failure: keep the traceback for the report
+        traceback.print_exc()
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ and statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import numbers
+import os
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -24,10 +29,14 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
 from .cache import ChunkCache, QuantizedChunkCache, can_trim_cache, trim_cache
-from .images import tile_count
+from .images import ImageInput, tile_count
 from .model import Model
 
 DEFAULT_MAX_TOKENS = 256
+# What MLX's affine ``mx.quantize`` accepts (MLX 0.32; tests/test_generate.py checks these against it).
+KV_BITS = (1, 2, 3, 4, 5, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+PROMPT_CACHE_FORMAT = "mlx-llama4 prompt cache 1"
 
 
 @dataclass
@@ -50,6 +59,7 @@ class PromptCache:
     ``<|patch|>`` rows a key derived from the image's pixels (two images share token ids, not content)."""
 
     def __init__(self, model: Model):
+        self.model_id = model_fingerprint(model)  # a cache is only valid for the model that filled it
         self.chunk_size = model.config.text.attention_chunk_size
         self._make_layers = model.make_cache
         self.layers = model.make_cache()
@@ -81,6 +91,38 @@ class PromptCache:
         return keep
 
 
+def model_fingerprint(model: Model) -> str:
+    """An identity of the model that a KV cache depends on, stable across processes: a hash of its config and
+    of the first 64 values of every parameter tensor.
+
+    The config fixes the structure (layers, heads, RoPE, chunking); sampling every tensor tells apart other
+    checkpoints, fine-tunes and quantizations (packed integers are hashed as stored), while floats pass
+    through bfloat16 first, so the same checkpoint loaded in float32 or bfloat16 is the same model. It costs
+    one small read per tensor and is computed once per model object.
+    """
+    cached = getattr(model, "_fingerprint", None)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
+    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+    heads = [a.reshape(-1)[:64] for _, a in params]
+    heads = [h.astype(mx.bfloat16).astype(mx.float32) if mx.issubdtype(h.dtype, mx.floating) else h for h in heads]
+    mx.eval(heads)
+    for (name, _), head in zip(params, heads):
+        digest.update(name.encode())
+        digest.update(np.asarray(head).tobytes())
+    model._fingerprint = digest.hexdigest()[:32]
+    return model._fingerprint
+
+
+def _check_cache_model(cache_id: str, model: Model, source: str) -> None:
+    if cache_id != model_fingerprint(model):
+        raise ValueError(
+            f"{source} was filled by another model (its config or weights differ from this one's); a KV cache "
+            "only fits the model that made it: use a new PromptCache(model) for this model"
+        )
+
+
 def _image_keys(ids: np.ndarray, pixel_values: Optional[np.ndarray], grids: list, image_token: int,
                 per_tile: int) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
     """Per-position keys, each image's span of ``<|patch|>`` positions, and each image's first tile."""
@@ -98,18 +140,102 @@ def _image_keys(ids: np.ndarray, pixel_values: Optional[np.ndarray], grids: list
     return keys, spans, first_tiles
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_sampling(*, max_tokens: Any = 0, temperature: Any = 0.0, top_p: Any = 1.0, top_k: Any = 0, min_p: Any = 0.0,
+                   repetition_penalty: Any = None, seed: Any = None, prefill_step_size: Any = None) -> None:
+    """Raise a ``ValueError`` naming the first sampling argument that is out of range or of the wrong type
+    (booleans are not numbers here)."""
+    rules = (
+        ("max_tokens", max_tokens, _is_int(max_tokens) and max_tokens >= 0, "an integer >= 0"),
+        ("temperature", temperature, _is_number(temperature) and temperature >= 0, "a number >= 0 (0: greedy)"),
+        ("top_p", top_p, _is_number(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1: no nucleus filter)"),
+        ("top_k", top_k, _is_int(top_k) and top_k >= 0, "an integer >= 0 (0: no top-k filter)"),
+        ("min_p", min_p, _is_number(min_p) and 0 <= min_p <= 1, "a number in [0, 1] (0: no min-p filter)"),
+        ("repetition_penalty", repetition_penalty,
+         repetition_penalty is None or (_is_number(repetition_penalty) and repetition_penalty > 0),
+         "a number > 0 (1 or None: no penalty)"),
+        ("seed", seed, seed is None or (_is_int(seed) and 0 <= seed < 2**64), "an integer in [0, 2**64)"),
+        ("prefill_step_size", prefill_step_size,
+         prefill_step_size is None or (_is_int(prefill_step_size) and prefill_step_size > 0), "an integer > 0"),
+    )
+    for name, value, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def kv_group_size_for(model: Model, kv_bits: Optional[int], kv_group_size: Optional[int]) -> Optional[int]:
+    """The group size to quantize the KV cache with (None when ``kv_bits`` is None).
+
+    Keys and values are quantized along the head size, so the group size must divide it. Automatic (None):
+    64, mlx-lm's default, when it divides the head size, else 32 (e.g. the demo model's head size 32).
+    """
+    head = model.config.text.head_dim
+    valid = [g for g in KV_GROUP_SIZES if head % g == 0]
+    if kv_bits is None:
+        if kv_group_size is not None and not (_is_int(kv_group_size) and kv_group_size in KV_GROUP_SIZES):
+            raise ValueError(f"kv_group_size must be one of {list(KV_GROUP_SIZES)} or None, got {kv_group_size!r}")
+        return None
+    if not (_is_int(kv_bits) and kv_bits in KV_BITS):
+        raise ValueError(f"kv_bits must be one of {list(KV_BITS)} (MLX's quantization bits) or None, got {kv_bits!r}")
+    if not valid:
+        raise ValueError(f"this model's head size {head} is not a multiple of any quantization group size "
+                         f"{list(KV_GROUP_SIZES)}, so its KV cache cannot be quantized")
+    if kv_group_size is None:
+        return next(g for g in (64, 32) if g in valid)
+    if not (_is_int(kv_group_size) and kv_group_size in valid):
+        raise ValueError(f"kv_group_size {kv_group_size!r} does not fit this model's head size {head}: the KV cache "
+                         f"is quantized along the head size; valid group sizes: {valid} (None: automatic)")
+    return int(kv_group_size)
+
+
+def resolve_sampling(model: Model, processor: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                     temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
+                     min_p: float = 0.0, repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
+                     kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None,
+                     prefill_step_size: Optional[int] = None) -> dict:
+    """The settings a generation runs with (``stream_generate``'s keywords): the checkpoint's defaults
+    (``processor.generation_config``) for temperature, top-p and top-k not given, every value checked (a
+    ``ValueError`` names the bad one), the KV group size chosen. Front ends call it to refuse bad settings
+    before any prompt is read."""
+    defaults = getattr(processor, "generation_config", {}) or {}
+    settings = dict(
+        max_tokens=max_tokens,
+        temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
+        top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
+        top_k=defaults.get("top_k", 0) if top_k is None else top_k,
+        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, prefill_step_size=prefill_step_size,
+    )
+    check_sampling(**settings)
+    if settings["top_k"] >= model.config.text.vocab_size:
+        settings["top_k"] = 0  # keeps every token, as no top-k filter does
+    return dict(settings, kv_bits=kv_bits, kv_group_size=kv_group_size_for(model, kv_bits, kv_group_size))
+
+
 def read_generation_config(path: Path) -> dict:
     """Sampling defaults and end tokens from a checkpoint's ``generation_config.json`` (absent: greedy)."""
     file = Path(path) / "generation_config.json"
     if not file.exists():
         return {}
-    cfg = json.loads(file.read_text())
-    eos = cfg.get("eos_token_id")
-    out = {"eos_token_ids": [eos] if isinstance(eos, int) else list(eos or [])}
-    if cfg.get("do_sample"):
-        for key in ("temperature", "top_p", "top_k"):
-            if cfg.get(key) is not None:
-                out[key] = cfg[key]
+    try:
+        cfg = json.loads(file.read_text())
+        eos = cfg.get("eos_token_id")
+        out = {"eos_token_ids": [eos] if _is_int(eos) else list(eos or [])}
+        if not all(_is_int(i) for i in out["eos_token_ids"]):
+            raise ValueError(f"eos_token_id must be an integer or a list of integers, got {eos!r}")
+        if cfg.get("do_sample"):
+            for key in ("temperature", "top_p", "top_k"):
+                if cfg.get(key) is not None:
+                    out[key] = cfg[key]
+        check_sampling(**{k: v for k, v in out.items() if k != "eos_token_ids"})
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from None
     return out
 
 
@@ -117,11 +243,17 @@ def _stop_tokens(model: Model, processor: Any, defaults: dict) -> set[int]:
     return set(processor.eos_token_ids) | set(model.config.text.eos_token_id) | set(defaults.get("eos_token_ids", []))
 
 
+def _special_tokens(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens (``<|eot|>``, ``<|python_start|>``, reserved ones ...): control tokens that
+    a reply's text never shows (its chunks' ``token`` still carry them)."""
+    return {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
+
+
 def stream_generate(
     model: Model,
     processor: Any,
     prompt: str | Sequence[dict],
-    images: Optional[Sequence[Any]] = None,
+    images: Optional[ImageInput | Sequence[ImageInput]] = None,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     temperature: Optional[float] = None,
@@ -131,29 +263,32 @@ def stream_generate(
     repetition_penalty: Optional[float] = None,
     seed: Optional[int] = None,
     kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
+    kv_group_size: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator[GenerationChunk]:
     """Stream the reply to ``prompt``: a string (one user turn, after ``images`` if any) or chat messages in the
-    Hugging Face format, whose image parts without an inline image take ``images`` in order.
+    Hugging Face format, whose image parts without an inline image take ``images`` in order. ``images`` is one
+    image (a path, bytes, PIL image or array) or a list of them.
 
     Sampling defaults come from the checkpoint's ``generation_config.json`` (temperature 0 = greedy when it
-    has none). With ``prompt_cache`` only the tokens after the longest reusable prefix are fed, and the cache
-    is left holding the whole conversation so far. ``progress(done, total)`` reports prefill progress. The
-    prompt is fed ``prefill_step_size`` tokens at a time: by default one attention chunk, which bounds the
-    activations of a long prefill to one chunk's.
+    has none). ``max_tokens=0`` only prefills (e.g. a prompt cache to save). ``kv_bits`` quantizes the KV cache
+    of every layer, in groups of ``kv_group_size`` (None: automatic, see ``kv_group_size_for``). With
+    ``prompt_cache`` only the tokens after the longest reusable prefix are fed, and the cache is left holding
+    the whole conversation so far. ``progress(done, total)`` reports prefill progress. The prompt is fed
+    ``prefill_step_size`` tokens at a time: by default one attention chunk, which bounds the activations of
+    a long prefill to one chunk's. The text of the chunks never contains special tokens.
     """
     tic = time.perf_counter()
-    defaults = getattr(processor, "generation_config", {}) or {}
-    temperature = defaults.get("temperature", 0.0) if temperature is None else temperature
-    top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
-    top_k = defaults.get("top_k", 0) if top_k is None else top_k
-    if seed is not None:
-        mx.random.seed(seed)
-    inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt),
-                       images=list(images) if images else None)
+    settings = resolve_sampling(model, processor, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                kv_bits=kv_bits, kv_group_size=kv_group_size, prefill_step_size=prefill_step_size)
+    if prompt_cache is not None:
+        _check_cache_model(prompt_cache.model_id, model, "this prompt cache")
+    if settings["seed"] is not None:
+        mx.random.seed(settings["seed"])
+    inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt), images=images)
     ids = np.asarray(inputs["input_ids"])[0]
     pixels = inputs["pixel_values"]
     per_tile = model.config.vision.tokens_per_tile if model.config.vision else 0
@@ -163,7 +298,7 @@ def stream_generate(
     if len(ids) >= limit:
         raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {limit} positions "
                          "(max_position_embeddings)")
-    max_tokens = min(max_tokens, limit - len(ids))
+    max_tokens = min(settings["max_tokens"], limit - len(ids))
 
     cache = prompt_cache or PromptCache(model)
     start = cache.reuse(keys, spans)
@@ -173,15 +308,17 @@ def stream_generate(
     if later:
         embeddings = model.embed(feed[None], mx.array(pixels[first_tiles[later[0]]:]))[0]  # (L, D)
 
-    stops = _stop_tokens(model, processor, defaults)
+    stops = _stop_tokens(model, processor, getattr(processor, "generation_config", {}) or {})
+    hidden = _special_tokens(processor.tokenizer)
     detokenizer = NaiveStreamingDetokenizer(processor.tokenizer)
     steps = generate_step(
         feed, model.language_model, max_tokens=max_tokens,
-        sampler=make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k),
-        logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
+        sampler=make_sampler(temp=settings["temperature"], top_p=settings["top_p"], min_p=settings["min_p"],
+                             top_k=settings["top_k"]),
+        logits_processors=make_logits_processors(repetition_penalty=settings["repetition_penalty"]),
         prompt_cache=cache.layers,
-        prefill_step_size=prefill_step_size or model.config.text.attention_chunk_size or 2048,
-        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=0,
+        prefill_step_size=settings["prefill_step_size"] or model.config.text.attention_chunk_size or 2048,
+        kv_bits=settings["kv_bits"], kv_group_size=settings["kv_group_size"], quantized_kv_start=0,
         prompt_progress_callback=progress, input_embeddings=embeddings,
     )
     generated: list[int] = []
@@ -194,7 +331,7 @@ def stream_generate(
                 tic = time.perf_counter()
             generated.append(token)
             finish = "stop" if token in stops else ("length" if n + 1 == max_tokens else None)
-            if finish != "stop":
+            if finish != "stop" and token not in hidden:
                 detokenizer.add_token(token)
             if finish:
                 detokenizer.finalize()
@@ -212,8 +349,8 @@ def stream_generate(
         cache.keys = held[: cache.offset]
 
 
-def generate(model: Model, processor: Any, prompt: str | Sequence[dict], images: Optional[Sequence[Any]] = None,
-             **kwargs) -> str:
+def generate(model: Model, processor: Any, prompt: str | Sequence[dict],
+             images: Optional[ImageInput | Sequence[ImageInput]] = None, **kwargs) -> str:
     """The whole reply to ``prompt`` as one string; keyword arguments as for ``stream_generate``."""
     return "".join(chunk.text for chunk in stream_generate(model, processor, prompt, images, **kwargs))
 
@@ -222,30 +359,65 @@ _CACHE_CLASSES = {c.__name__: c for c in (KVCache, QuantizedKVCache, ChunkCache,
 
 
 def save_prompt_cache(file: str | Path, cache: PromptCache) -> None:
-    """Save a prefilled conversation (e.g. a long document) so it can be questioned again without prefill."""
+    """Save a prefilled conversation (e.g. a long document) so it can be questioned again without prefill.
+
+    The file (safetensors, written under exactly this name) records the model it belongs to; it is written
+    to a temporary sibling and renamed into place, so an interrupted save never leaves a partial file.
+    """
+    path = Path(file)
     if cache.offset == 0:
         raise ValueError("the prompt cache is empty: nothing to save")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: cannot save the prompt cache, the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: cannot save the prompt cache, this is a folder")
     # Every cache class's state is (keys, values, *scalars).
     arrays = dict(tree_flatten([list(c.state[:2]) for c in cache.layers]))
     meta = {
+        "format": PROMPT_CACHE_FORMAT,
+        "model": cache.model_id,
         "classes": json.dumps([type(c).__name__ for c in cache.layers]),
         "scalars": json.dumps([list(c.state[2:]) for c in cache.layers]),
         "keys": json.dumps(cache.keys.tolist()),
     }
-    mx.save_safetensors(str(file), arrays, meta)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as f:
+            mx.save_safetensors(f, arrays, meta)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as e:
+        with suppress(OSError):
+            partial.unlink()
+        kind = type(e) if isinstance(e, OSError) else OSError
+        raise kind(f"{path}: cannot write the prompt cache ({getattr(e, 'strerror', None) or e})") from None
 
 
 def load_prompt_cache(file: str | Path, model: Model) -> PromptCache:
-    arrays, meta = mx.load(str(file), return_metadata=True)
-    tensors = tree_unflatten(list(arrays.items()))
+    """A conversation saved by ``save_prompt_cache``, for ``model`` (the model that filled it, or a fresh
+    load of the same checkpoint; any other model is refused)."""
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt cache file" if not path.exists() else f"{path}: not a file")
+    try:
+        arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a prompt cache, or a corrupt or truncated one ({e})") from None
+    if meta.get("format") != PROMPT_CACHE_FORMAT:
+        raise ValueError(f"{path}: not a prompt cache written by save_prompt_cache (no {PROMPT_CACHE_FORMAT!r} mark)")
+    _check_cache_model(meta.get("model"), model, f"the prompt cache {path}")
     cache = PromptCache(model)
-    classes, scalars = json.loads(meta["classes"]), json.loads(meta["scalars"])
-    if len(classes) != len(cache.layers):
-        raise ValueError(f"{file}: a prompt cache for {len(classes)} layers, but the model has {len(cache.layers)}")
-    as_tuple = lambda x: tuple(x) if isinstance(x, list) else x  # noqa: E731  (quantized: packed, scales, biases)
-    cache.layers = [
-        _CACHE_CLASSES[name].from_state((as_tuple(t[0]), as_tuple(t[1]), *s))
-        for name, t, s in zip(classes, tensors, scalars)
-    ]
-    cache.keys = np.asarray(json.loads(meta["keys"]), np.int64)
+    try:
+        classes, scalars = json.loads(meta["classes"]), json.loads(meta["scalars"])
+        if len(classes) != len(cache.layers) or len(scalars) != len(classes):
+            raise ValueError(f"{len(classes)} layers, but the model has {len(cache.layers)}")
+        tensors = tree_unflatten(list(arrays.items()))
+        as_tuple = lambda x: tuple(x) if isinstance(x, list) else x  # noqa: E731  (quantized: packed, scales, biases)
+        cache.layers = [
+            _CACHE_CLASSES[name].from_state((as_tuple(t[0]), as_tuple(t[1]), *s))
+            for name, t, s in zip(classes, tensors, scalars, strict=True)
+        ]
+        cache.keys = np.asarray(json.loads(meta["keys"]), np.int64)
+        mx.eval([c.state for c in cache.layers])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: corrupt prompt cache ({type(e).__name__}: {e})") from None
     return cache

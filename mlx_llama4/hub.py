@@ -21,6 +21,8 @@ def resolve_model_path(
 
     ``huggingface_hub`` honours ``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_ENDPOINT`` and shows a progress bar.
     """
+    if not str(path_or_repo).strip():
+        raise ValueError("no model given (an empty name): pass a checkpoint folder, a Hub repo id or 'demo'")
     local = Path(path_or_repo).expanduser()
     if local.is_dir():
         return local
@@ -33,13 +35,29 @@ def resolve_model_path(
     repo = str(path_or_repo)
     if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{repo}: no such folder, and not a Hub repo id of the form 'owner/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=list(allow_patterns)))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise FileNotFoundError(f"{repo}: not found on the Hugging Face Hub ({type(e).__name__})") from None
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: catch it first
+        raise PermissionError(
+            f"{repo} is a gated repo on the Hugging Face Hub: accept its license on {constants.ENDPOINT}/{repo} "
+            "(logged in), then, once access is granted, log in here with `hf auth login` (or `huggingface-cli "
+            "login`) or set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo}: not found on the Hugging Face Hub (if it is private, log in with `hf auth login` or set "
+            "HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{repo}: the Hub repo has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{repo}: not in the local Hugging Face cache and the Hub cannot be reached "

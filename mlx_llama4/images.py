@@ -39,6 +39,12 @@ ImageInput = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndar
 # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS with its default): about 179 megapixels, i.e. more
 # than any camera produces, while a decoded image of that size already takes ~540 MB.
 DEFAULT_MAX_PIXELS = 178_956_970
+# How to change the pixel limit, for error messages (apps that set the limit with a flag say so themselves).
+_RAISE_LIMIT = (
+    " (a guard against decompression bombs; to accept larger images, load the processor with "
+    "load_processor(path, max_pixels=N), None for no limit, or set processor.image_settings = "
+    "dataclasses.replace(processor.image_settings, max_pixels=N))"
+)
 # Remote images are read into memory before decoding; this caps the download.
 DEFAULT_MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 
@@ -133,8 +139,7 @@ def _open_pil(fp, name: str, max_pixels: int | None) -> Image.Image:
             match = _PIL_BOMB_PIXELS.search(str(exc))
             count = f"{int(match.group(1)):,} pixels" if match else "more pixels than Pillow allows"
             raise ImageError(
-                f"{name}: image has {count}, above the limit of {max_pixels:,} pixels "
-                "(possible decompression bomb; raise max_pixels to accept it)"
+                f"{name}: image has {count}, above the limit of {max_pixels:,} pixels{_RAISE_LIMIT}"
             ) from None
         except UnidentifiedImageError:
             raise ImageError(f"{name}: not a recognised image file (unknown format, empty or corrupt)") from None
@@ -152,7 +157,7 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> N
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(
             f"{name}: image is {width}x{height} = {width * height:,} pixels, above the limit of "
-            f"{max_pixels:,} pixels (possible decompression bomb; raise max_pixels to accept it)"
+            f"{max_pixels:,} pixels{_RAISE_LIMIT}"
         )
 
 

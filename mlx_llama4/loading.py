@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_config, read_config_json
 from .model import Model
 from .safetensors_reader import CheckpointReader
 from .weights import CheckpointError, canonical_module, sanitize
@@ -134,16 +134,37 @@ def without_absent_vision(config: ModelConfig, names) -> ModelConfig:
     return config
 
 
-def load_model(path: str | Path, dtype: Optional[mx.Dtype] = None) -> Model:
-    """Build the model described by ``path/config.json`` and load its weights.
+def refuse_modelopt(path: Path) -> None:
+    """Refuse an NVIDIA ModelOpt FP8 checkpoint before any tensor is read.
+
+    ModelOpt (``quantization_config.quant_method == "modelopt"`` in config.json, an ``hf_quant_config.json``)
+    stores static per-tensor scales under flat names (``*_weight_scale``, ``*_input_scale``, ``k_scale`` /
+    ``v_scale``), another FP8 scheme than Meta's, which ``weights.py`` reads.
+    """
+    _, raw = read_config_json(path)
+    quant = raw.get("quantization_config")
+    modelopt = isinstance(quant, dict) and quant.get("quant_method") == "modelopt"
+    if modelopt or (path / "hf_quant_config.json").exists():
+        raise CheckpointError(
+            f"{path}: an NVIDIA ModelOpt FP8 checkpoint (quant_method 'modelopt' / hf_quant_config.json); this FP8 "
+            "flavour is not supported. Use the official bf16 checkpoint (e.g. meta-llama/Llama-4-Scout-17B-16E-"
+            "Instruct) or Meta's FP8 one (meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8), directly or "
+            "converted with `mlx-llama4 convert --hf-path REPO --mlx-path OUT [-q]`"
+        )
+
+
+def load_model(path_or_repo: str | Path, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None) -> Model:
+    """Build the model of a checkpoint (a local folder, ``"demo"`` or a Hub repo id, as for ``load``) and load
+    its weights.
 
     Reads every supported layout (``weights.py``): Hugging Face, per-expert, FP8 (dequantized), mlx-lm /
     mlx-vlm and our own MLX checkpoints, float or quantized. ``dtype`` casts floating-point weights (quantized
     integer weights are kept); the default is float32 on the CPU backend and the checkpoint's own dtype on Metal.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder not found: {path}")
+    from .hub import resolve_model_path
+
+    path = resolve_model_path(path_or_repo, revision)
+    refuse_modelopt(path)
     config: ModelConfig = load_config(path)
     dtype = dtype or default_dtype()
     # FP8 checkpoints are dequantized on the fly, to bfloat16 unless a dtype is asked for.
@@ -165,8 +186,9 @@ def load_model(path: str | Path, dtype: Optional[mx.Dtype] = None) -> Model:
 
 
 def load(path_or_repo: str | Path, revision: Optional[str] = None, dtype: Optional[mx.Dtype] = None):
-    """``(model, processor)`` from a local checkpoint folder or a Hub repo id, in Hugging Face format
-    (bf16) or MLX format (quantized, with a ``quantization`` block in config.json)."""
+    """``(model, processor)`` from a local checkpoint folder, ``"demo"`` (the bundled demo model) or a Hub repo
+    id, in Hugging Face format (bf16, FP8) or MLX format (quantized, with a ``quantization`` block in
+    config.json)."""
     from .generation import read_generation_config
     from .hub import resolve_model_path
     from .processor import load_processor

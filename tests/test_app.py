@@ -27,7 +27,7 @@ from mlx_llama4.app.history import (ends_with_user_turn, last_user_span, normali
 from mlx_llama4.app.models import DEMO, discover_models, is_llama4_folder  # noqa: E402
 from mlx_llama4.app.handlers import AppConfig, ChatApp, note  # noqa: E402
 from mlx_llama4.app.ui import build, launch  # noqa: E402
-from test_generate import _checkpoint  # noqa: E402
+from real_vocab import build_checkpoint  # noqa: E402
 
 GREEDY = dict(system="", temperature=0.0, top_p=1.0)
 
@@ -40,7 +40,7 @@ def app_model(tmp_path_factory):
     """A loaded tiny checkpoint in a ModelHolder (one device thread for the whole test session)."""
     folder = tmp_path_factory.mktemp("app-models") / "tiny-llama4"
     folder.mkdir()
-    _checkpoint(folder, {})
+    build_checkpoint(folder)
     holder = ModelHolder(DeviceWorker())
     holder.load(str(folder))
     return holder, folder
