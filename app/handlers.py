@@ -204,11 +204,12 @@ class ChatApp:
             out.append(note(format_stats(update.stats), status="done"))
         return out
 
-    def clear(self, session: ChatSession) -> tuple[ChatSession, list]:
-        """Clear: a new conversation (a reply in progress is cancelled by the same click)."""
+    def clear(self, session: ChatSession) -> ChatSession:
+        """Clear (the page has emptied the chat): a new conversation. The same click cancels a reply in
+        progress, whose last updates may still reach the page; ``finish`` then empties the chat again."""
         session.reset()
         session.cleared = True
-        return session, []
+        return session
 
     # ---- the API ----------------------------------------------------------------------------------------
 

@@ -79,7 +79,7 @@ def build(app: ChatApp) -> gr.Blocks:
         textbox.stop(None, None, None, cancels=[reply, re_reply], api_name="stop", api_visibility="undocumented")
         chatbot.undo(app.undo, [chatbot], [textbox, chatbot], queue=False, api_name="undo",
                      api_visibility="undocumented")
-        chatbot.clear(app.clear, [session], [session, chatbot], queue=False, cancels=[reply, re_reply],
+        chatbot.clear(app.clear, [session], [session], queue=False, cancels=[reply, re_reply],
                       api_name="clear_chat", api_visibility="undocumented")
 
         api_send.click(app.api_chat, [textbox] + sampling + [session], [api_reply, api_stats],

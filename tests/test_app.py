@@ -241,6 +241,7 @@ def test_streamed_text_reply(server, client, slow_generation):
     assert reply == want and len(set(partial)) >= 6  # streamed token by token, not one block
     assert all(want.startswith(text) for text in partial)
     assert stats["prompt_tokens"] == prompt_tokens and stats["generation_tokens"] == 12
+    assert stats["model"] == app.holder.current.name  # which model answered
     assert stats["time_to_first_token"] > 0 and stats["peak_memory"] > 0 and stats["generation_tps"] > 0
 
 
