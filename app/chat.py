@@ -19,12 +19,15 @@ from typing import Any, Iterator, Optional, Sequence
 from PIL import Image
 
 from mlx_llama4 import PromptCache, stream_generate
+from mlx_llama4.images import DEFAULT_MAX_PIXELS as LIBRARY_MAX_PIXELS
 from mlx_llama4.images import ImageError, load_image
 
 from .device import LoadedModel, ModelHolder, Stopped
 from .history import Turn, to_model_messages
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel photo; Llama 4 sees at most 16 tiles of 336 px anyway
+# --max-image-pixels can go up to the processor's own decompression-bomb limit, which stays in force.
+MAX_IMAGE_PIXELS_LIMIT = LIBRARY_MAX_PIXELS
 PREFILL_STEP = 512  # tokens per prefill step: how soon Stop takes effect while a long prompt is read
 
 
@@ -54,7 +57,8 @@ _RECENT: "OrderedDict[int, weakref.ref]" = OrderedDict()
 
 
 class ChatSession:
-    """One browser tab's (or API client's) state: its prompt cache and, for the API, its history.
+    """One browser tab's (or API client's) state: its prompt cache, for the API its history, and for the page
+    what one event leaves to the next (a message that was not sent, a Clear during a reply).
 
     Kept in a ``gr.State``; the cache belongs to one loaded model and is rebuilt when the model changes,
     and only the ``MAX_CACHED_SESSIONS`` most recently active sessions keep theirs.
@@ -64,6 +68,8 @@ class ChatSession:
         self.cache: Optional[PromptCache] = None
         self.cache_generation = -1
         self.api_history: list[dict] = []
+        self.unsent: Optional[dict] = None  # a message whose reply failed before it began, for the textbox
+        self.cleared = False  # Clear was pressed since the last message was sent
         _SESSIONS.add(self)
 
     def __deepcopy__(self, memo: dict) -> "ChatSession":  # gr.State copies its initial value per session
@@ -99,31 +105,39 @@ def upload_dirs() -> list[Path]:
     return [Path(get_upload_folder()).resolve()]
 
 
+def is_uploaded(path: str, allowed_dirs: Sequence[Path]) -> bool:
+    """Whether ``path`` (not a URL) lies in one of ``allowed_dirs`` once symlinks and ``..`` are resolved."""
+    if "://" in path:
+        return False
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return any(resolved.is_relative_to(d) for d in allowed_dirs)
+
+
 def check_image(image: Any, allowed_dirs: Sequence[Path], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                 decode: bool = True) -> Optional[str]:
     """Why ``image`` cannot be used (not an uploaded file, unreadable, too large), or None if it can.
 
-    ``decode=False`` reads only the header (size and format), for images already checked once.
+    The size is read from the header first; ``decode=False`` reads nothing more, for images already checked once.
     """
     if not isinstance(image, (str, Path)):
         return None  # an in-memory image handed over by Python code
     name = os.path.basename(str(image)) or str(image)
-    try:
-        path = Path(image).resolve()
-    except (OSError, RuntimeError, ValueError):
-        return f"{name}: not a usable file path"
-    if not any(path.is_relative_to(d) for d in allowed_dirs):
+    if not is_uploaded(str(image), allowed_dirs):
         return f"{name}: only images uploaded to this app can be used"
+    path = Path(image).resolve()
     if not path.is_file():
         return f"{name}: the uploaded file is gone; attach it again"
     try:
+        with Image.open(path) as header:
+            width, height = header.size
+        if width * height > max_pixels:
+            return (f"{name}: image is {width}x{height}, above this app's limit of {max_pixels:,} pixels "
+                    "(--max-image-pixels)")
         if decode:
             load_image(str(path), max_pixels=max_pixels).close()
-        else:
-            with Image.open(path) as header:
-                width, height = header.size
-            if width * height > max_pixels:
-                return f"{name}: image is {width}x{height}, above the limit of {max_pixels:,} pixels"
     except ImageError as e:
         return str(e).replace(str(path), name)
     except (OSError, ValueError, Image.DecompressionBombError):
@@ -138,10 +152,12 @@ def check_images(images: Sequence[Any], allowed_dirs: Sequence[Path], max_pixels
 
 
 def format_stats(stats: dict) -> str:
-    """The line shown under a reply."""
-    line = (f"first token {stats['time_to_first_token']:.2f} s · prompt {stats['prompt_tokens']} tok at "
-            f"{stats['prompt_tps']:.1f} tok/s · reply {stats['generation_tokens']} tok at "
-            f"{stats['generation_tps']:.1f} tok/s · peak memory {stats['peak_memory']:.2f} GB")
+    """The line shown under a reply: which model wrote it, and how fast."""
+    model = stats.get("model")
+    line = f"{Path(model).name or model} · " if model else ""
+    line += (f"first token {stats['time_to_first_token']:.2f} s · prompt {stats['prompt_tokens']} tok at "
+             f"{stats['prompt_tps']:.1f} tok/s · reply {stats['generation_tokens']} tok at "
+             f"{stats['generation_tps']:.1f} tok/s · peak memory {stats['peak_memory']:.2f} GB")
     if stats.get("finish_reason") == "length":
         line += " · stopped at the token limit"
     return line
@@ -160,12 +176,13 @@ class _Prefill:
 
 
 def stream_reply(holder: ModelHolder, session: ChatSession, turns: list[Turn], settings: Settings,
-                 allowed_dirs: Optional[Sequence[Path]] = None,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[ReplyUpdate]:
+                 allowed_dirs: Optional[Sequence[Path]] = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None) -> Iterator[ReplyUpdate]:
     """The assistant's reply to ``turns`` (which end with a user turn), streamed.
 
     Problems the user can fix (a bad, oversized or foreign image, a conversation longer than the context,
-    no model loaded) end the stream with ``error`` set; nothing is raised for them.
+    no model loaded) end the stream with ``error`` set; nothing is raised for them. ``kv_bits`` quantizes
+    the KV cache (``kv_group_size`` None: the library picks one the head size allows).
     """
     loaded = holder.current
     if loaded is None:
@@ -185,7 +202,8 @@ def stream_reply(holder: ModelHolder, session: ChatSession, turns: list[Turn], s
         return stream_generate(
             loaded.model, loaded.processor, messages, max_tokens=int(settings.max_tokens),
             temperature=float(settings.temperature), top_p=float(settings.top_p),
-            prompt_cache=session.prompt_cache(loaded), prefill_step_size=PREFILL_STEP, progress=prefill)
+            kv_bits=kv_bits, kv_group_size=kv_group_size, prompt_cache=session.prompt_cache(loaded),
+            prefill_step_size=PREFILL_STEP, progress=prefill)
 
     text, last = "", None
     yield ReplyUpdate(status="Reading the prompt…")
@@ -213,5 +231,6 @@ def stream_reply(holder: ModelHolder, session: ChatSession, turns: list[Turn], s
     if last is not None:
         stats = {k: getattr(last, k) for k in ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps",
                                                 "time_to_first_token", "peak_memory", "finish_reason")}
+        stats["model"] = loaded.name
         yield ReplyUpdate(text=text, stats=stats)
 

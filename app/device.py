@@ -10,6 +10,8 @@ the MLX work between two steps.
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _ITEM, _ERROR, _DONE = "item", "error", "done"
 
@@ -149,32 +152,76 @@ Progress = Callable[[float, str], None]
 
 def _locate(name: str, report: Progress) -> Any:
     """What to hand to ``load``: a checked local folder, a Hub repo resolved to its (downloaded) folder, or
-    the name itself ("demo", if the hub resolver does not know it)."""
+    the name itself ("demo", if the hub resolver does not know it).
+
+    A folder is checked as far as can be done without reading weights (its config.json describes a Llama 4
+    model, its safetensors shards are all there), so that a wrong choice fails before anything is unloaded.
+    """
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) or path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"model folder not found: {path}")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a model folder")
-        return path
-    from mlx_llama4.hub import resolve_model_path
+        source = path
+    else:
+        from mlx_llama4.hub import resolve_model_path
 
-    report(0.0, f"Locating {name}" + (" (downloading if needed)" if "/" in name else ""))
-    try:
-        return resolve_model_path(name)
-    except FileNotFoundError:
-        if name != "demo":
-            raise
-        return name
+        report(0.0, f"Locating {name}" + (" (downloading if needed)" if "/" in name else ""))
+        try:
+            source = resolve_model_path(name)
+        except FileNotFoundError:
+            if name != "demo":
+                raise
+            return name
+    from mlx_llama4.config import load_config
+    from mlx_llama4.loading import safetensors_files
+
+    load_config(source)
+    safetensors_files(source)
+    return source
+
+
+def memory_bytes() -> int:
+    """How much memory models may take: Metal's recommended working set, else the machine's RAM."""
+    import mlx.core as mx
+
+    info = mx.device_info()
+    size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+    return int(size) if size else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _bytes_needed(source: Any) -> int:
+    """An upper bound on the memory that loading ``source`` takes: its safetensors files, twice over where
+    the CPU backend widens 16-bit weights to float32."""
+    from mlx_llama4.hub import resolve_model_path
+    from mlx_llama4.loading import default_dtype, safetensors_files
+
+    on_disk = sum(f.stat().st_size for f in safetensors_files(resolve_model_path(source)))
+    return on_disk * (2 if default_dtype() is not None else 1)
+
+
+def _free_memory() -> None:
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
 
 
 class ModelHolder:
     """The process-wide loaded model: one at a time, swapped under a lock, loaded on the device thread.
 
-    The previous model is released before a new one loads (two large models rarely fit in memory
-    together), so after a failed load no model is current. ``on_release`` callbacks run first, so that
-    whatever refers to the old model (per-session prompt caches) can let go of it.
+    A new model loads next to the current one when both fit in memory (``FIT``: the memory in use plus
+    the new model's size, at most this share of ``memory_bytes()``) and replaces it only once loaded, so a
+    failed load changes nothing. When both do not fit, the current model is released first and, if the new
+    one fails to load, loaded again. Either way a name, folder or config that is plainly wrong fails before
+    anything is released. ``on_release`` callbacks run when a model is let go, so that whatever refers to
+    it (per-session prompt caches) can let go of it too.
     """
+
+    FIT = 0.9
 
     def __init__(self, worker: DeviceWorker, loader: Optional[Callable[[Any], tuple]] = None):
         self.worker = worker
@@ -193,7 +240,8 @@ class ModelHolder:
         """Load ``name`` (a folder, a Hub repo id or "demo") and make it current.
 
         Hub downloads run on the calling thread (so tqdm progress bars show there); reading the weights
-        runs on the device thread. Raises what ``mlx_llama4.load`` raises (FileNotFoundError, ValueError).
+        runs on the device thread. Raises what ``mlx_llama4.load`` raises (FileNotFoundError, ValueError);
+        the previous model is then current again.
         """
         report = progress or (lambda fraction, text: None)
         with self._lock:
@@ -201,34 +249,57 @@ class ModelHolder:
                 report(1.0, f"{name} is already loaded")
                 return self._current
             source = _locate(name, report)  # before the current model is released: a bad name changes nothing
+            previous = self._current.name if self._current is not None else None
             self.loading = name
             try:
-                self._release()
+                side_by_side = previous is None or self.worker.call(self._fits, source)
+                if not side_by_side:
+                    report(0.2, f"Unloading {previous}: there is no room for both models")
+                    self._current = None
+                    self._let_go()
                 report(0.3, f"Loading {name}")
-                loader = self._loader
-                if loader is None:
-                    from mlx_llama4 import load as loader
-                model, processor = self.worker.call(loader, source)
-                self._generation += 1
-                self._current = LoadedModel(name, model, processor, self._generation)
+                try:
+                    loaded = self.worker.call(self._load_fn(), source)
+                except Exception:
+                    if not side_by_side:
+                        self._restore(previous, report)
+                    raise
+                self._install(name, loaded)
+                del loaded
+                if previous is not None and side_by_side:
+                    self._let_go()
             finally:
                 self.loading = None
             report(1.0, f"Loaded {name}")
             return self._current
 
-    def _release(self) -> None:
-        if self._current is None:
-            return
-        self._current = None
+    def _restore(self, name: str, report: Progress) -> None:
+        """Load ``name`` again after a failed switch; if that fails too, no model is current."""
+        report(0.6, f"Loading {name} again")
+        try:
+            self._install(name, self.worker.call(self._load_fn(), _locate(name, report)))
+        except Exception as e:  # the caller reports the first error; this one goes to the log
+            log.error("could not load %s again: %s", name, e)
+
+    def _load_fn(self) -> Callable[[Any], tuple]:
+        if self._loader is not None:
+            return self._loader
+        from mlx_llama4 import load
+
+        return load
+
+    def _fits(self, source: Any) -> bool:
+        """Whether ``source`` can load while the current model stays (run on the device thread)."""
+        import mlx.core as mx
+
+        return mx.get_active_memory() + _bytes_needed(source) <= self.FIT * memory_bytes()
+
+    def _install(self, name: str, loaded: tuple) -> None:
+        self._generation += 1
+        self._current = LoadedModel(name, loaded[0], loaded[1], self._generation)
+
+    def _let_go(self) -> None:
+        """After the current model was replaced or dropped: release what refers to the old one, free memory."""
         for callback in self.on_release:
             callback()
-
-        def free() -> None:
-            import gc
-
-            import mlx.core as mx
-
-            gc.collect()
-            mx.clear_cache()
-
-        self.worker.call(free)
+        self.worker.call(_free_memory)

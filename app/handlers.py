@@ -2,7 +2,8 @@
 
 The chat's value (what the browser sends back) is the conversation; ``history.normalize_history`` reads it.
 Notes (stats lines, errors, progress) are assistant messages with a metadata title, shown but never
-part of the prompt.
+part of the prompt. Every event that ends a reply (finished, stopped, failed, cleared) is followed by
+``finish``, which settles what the chat and the textbox show.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from .chat import (DEFAULT_MAX_IMAGE_PIXELS, ChatSession, ReplyUpdate, Settings,
                    release_all_caches, stream_reply, upload_dirs)
 from .device import ModelHolder
 from .history import ends_with_user_turn, is_note, last_user_span, normalize_history
-from .models import discover_models
+from .models import discover_models, with_current
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mlx_llama4.app")
 PENDING = "pending"
+# Note titles. Their symbols are in the fonts every system has (DejaVu Sans on Linux), not emoji-only ones.
+NOT_ACCEPTED = "⚠️ Image not accepted"
+NOT_SENT = "⚠️ Not sent"
+STOPPED = "■ Stopped"
+STOPPED_EARLY = "■ Stopped before the reply began"
+LEFT_OUT = (NOT_ACCEPTED, NOT_SENT)  # notes that stand for a message the user still has in the textbox
 
 
 @dataclass
@@ -34,6 +41,8 @@ class AppConfig:
     defaults: Settings = field(default_factory=Settings)
     max_tokens_limit: int = 4096
     title: str = "Llama 4 · MLX"
+    kv_bits: Optional[int] = None
+    kv_group_size: Optional[int] = None  # None: the library picks one the head size allows
 
 
 def note(title: str, text: str = "", status: Optional[str] = None) -> dict:
@@ -44,15 +53,40 @@ def note(title: str, text: str = "", status: Optional[str] = None) -> dict:
     return {"role": "assistant", "content": text, "metadata": metadata}
 
 
+def _title(message: Any) -> Optional[str]:
+    metadata = message.get("metadata") if isinstance(message, dict) else getattr(message, "metadata", None)
+    return metadata.get("title") if isinstance(metadata, dict) else getattr(metadata, "title", None)
+
+
+def _status(message: Any) -> Optional[str]:
+    metadata = message.get("metadata") if isinstance(message, dict) else None
+    return metadata.get("status") if isinstance(metadata, dict) else None
+
+
+def _left_out(history: list) -> bool:
+    """Whether the chat ends with a note that a message was not sent (the message is back in the textbox)."""
+    return bool(history) and _title(history[-1]) in LEFT_OUT
+
+
+def _ends_with_reply(history: list) -> bool:
+    """Whether the chat ends with reply text that no stats line or note follows (a reply cut short)."""
+    if not history or is_note(history[-1]):
+        return False
+    last = history[-1]
+    return (last.get("role") if isinstance(last, dict) else getattr(last, "role", None)) == "assistant"
+
+
 def _textbox(generating: bool, **kwargs: Any) -> Any:
     """The textbox while a reply streams (Stop shown, input locked) or while idle (Send shown)."""
     return gr.MultimodalTextbox(interactive=not generating, submit_btn=not generating, stop_btn=generating,
                                 **kwargs)
 
 
-def _user_text(message: Any) -> str:
-    turns = normalize_history([message])
-    return turns[0].text if turns else ""
+def _draft(messages: list) -> dict:
+    """The textbox value that holds a user turn again: its text and its uploaded files."""
+    turns = normalize_history(messages)
+    return {"text": "\n".join(t.text for t in turns if t.text),
+            "files": [i for t in turns for i in t.images if isinstance(i, str)]}
 
 
 class ChatApp:
@@ -61,12 +95,14 @@ class ChatApp:
     def __init__(self, holder: ModelHolder, config: Optional[AppConfig] = None):
         self.holder = holder
         self.config = config or AppConfig()
+        self._found: Optional[list[tuple[str, str]]] = None  # the picker's models, from the last scan
         if release_all_caches not in holder.on_release:
             holder.on_release.append(release_all_caches)
 
     # ---- sending, retrying, undoing -------------------------------------------------------------------
 
-    def add_message(self, message: Optional[dict], history: Optional[list]) -> tuple[Any, list]:
+    def add_message(self, message: Optional[dict], history: Optional[list],
+                    session: ChatSession) -> tuple[Any, list]:
         """Append the user's message (text and images) to the chat, or a note if an image is unusable."""
         history = list(history or [])
         message = message or {}
@@ -76,39 +112,58 @@ class ChatApp:
             return gr.update(), history
         problems = check_images(files, upload_dirs(), self.config.max_image_pixels)
         if problems:
-            history.append(note("⚠️ Image not accepted", "\n\n".join(problems) + "\n\nRemove it and send again."))
+            history.append(note(NOT_ACCEPTED, "\n\n".join(problems) + "\n\nRemove it and send again."))
             return gr.update(), history  # the draft stays in the textbox
         content: list[Any] = [{"path": f} for f in files] + ([text] if text else [])
         history.append({"role": "user", "content": content})
+        session.cleared = False
         return _textbox(True, value=None), history
 
-    def prepare_retry(self, history: Optional[list]) -> tuple[Any, list]:
-        """Drop the last reply (and its notes) so that the last user turn is answered again."""
+    def prepare_retry(self, history: Optional[list], session: ChatSession) -> tuple[Any, list]:
+        """Drop the last reply (and its notes) so that the last user turn is answered again.
+
+        After a message that was not sent there is nothing to retry: that message is back in the textbox,
+        and the turn before it keeps its answer.
+        """
         history = list(history or [])
         span = last_user_span(history)
-        if span is None:
+        if span is None or _left_out(history):
             return gr.update(), history
+        session.cleared = False
         return _textbox(True), history[: span[1]]
 
     def undo(self, history: Optional[list]) -> tuple[Any, list]:
-        """Remove the last user turn and its reply, and put the turn back into the textbox."""
+        """Remove the last user turn and its reply, and put the turn back into the textbox.
+
+        After a message that was not sent, only its note goes: the message is already in the textbox.
+        """
         history = list(history or [])
+        if _left_out(history):
+            while _left_out(history):
+                history.pop()
+            return gr.update(), history
         span = last_user_span(history)
         if span is None:
             return gr.update(), history
-        turn = normalize_history(history[span[0]: span[1]])
-        draft = {"text": turn[0].text if turn else "",
-                 "files": [i for t in turn for i in t.images if isinstance(i, str)]}
-        return gr.MultimodalTextbox(value=draft), history[: span[0]]
+        return gr.MultimodalTextbox(value=_draft(history[span[0]: span[1]])), history[: span[0]]
 
-    def finish(self, history: Optional[list]) -> tuple[Any, list]:
-        """After a reply ends or is stopped: unlock the textbox and close a progress note left open."""
-        history = list(history or [])
-        for i, message in enumerate(history):
-            metadata = message.get("metadata") if isinstance(message, dict) else None
-            if is_note(message) and isinstance(metadata, dict) and metadata.get("status") == PENDING:
-                history[i] = note("⏹ Stopped before the reply began", status="done")
-        return _textbox(False), history
+    def finish(self, history: Optional[list], session: ChatSession) -> tuple[Any, list]:
+        """After a reply ends, is stopped or fails: unlock the textbox and say how the reply ended.
+
+        A reply cut by Stop gets a "Stopped" note, a message stopped before its reply began (still reading
+        the prompt, or waiting in the queue) gets one too, so Retry can answer it; a message that was not
+        sent goes back into the textbox; after Clear the chat stays empty, whatever the stopped reply
+        streamed meanwhile.
+        """
+        draft, session.unsent = session.unsent, None
+        if session.cleared:
+            return _textbox(False, value=None), []
+        history = [note(STOPPED_EARLY, status="done") if _status(m) == PENDING else m for m in history or []]
+        if ends_with_user_turn(history):
+            history.append(note(STOPPED_EARLY, status="done"))
+        elif _ends_with_reply(history):
+            history.append(note(STOPPED, status="done"))
+        return (_textbox(False, value=draft) if draft else _textbox(False)), history
 
     def respond(self, history: Optional[list], session: ChatSession, system: str, temperature: float,
                 top_p: float, max_tokens: float) -> Iterator[list]:
@@ -118,26 +173,30 @@ class ChatApp:
             yield history
             return
         settings = Settings(system or "", temperature, top_p, int(max_tokens))
-        updates = stream_reply(self.holder, session, normalize_history(history), settings, upload_dirs(),
-                               self.config.max_image_pixels)
+        updates = self._stream(session, normalize_history(history), settings)
         try:
             for update in updates:
-                yield self._render(history, update)
+                if update.error and not update.text:  # nothing was said: the message goes back to the textbox
+                    start, end = last_user_span(history) or (len(history), len(history))
+                    session.unsent = _draft(history[start:end])
+                    yield history[:start] + [note(NOT_SENT, update.error + "\n\nThe message is back in the "
+                                                  "message box: change it and send it again.")]
+                else:
+                    yield self._render(history, update)
         except Exception as e:  # never leave the user with a dead chat
             log.exception("generation failed")
             yield history + [note("⚠️ Generation failed", f"{type(e).__name__}: {e}")]
         finally:
             updates.close()
 
+    def _stream(self, session: ChatSession, turns: list, settings: Settings) -> Iterator[ReplyUpdate]:
+        return stream_reply(self.holder, session, turns, settings, upload_dirs(), self.config.max_image_pixels,
+                            kv_bits=self.config.kv_bits, kv_group_size=self.config.kv_group_size)
+
     @staticmethod
     def _render(history: list, update: ReplyUpdate) -> list:
         if update.error:
-            if update.text:
-                return history + [{"role": "assistant", "content": update.text}, note("⚠️ Error", update.error)]
-            start, end = last_user_span(history) or (len(history), len(history))
-            left_out = "\n".join(_user_text(m) for m in history[start:end]).strip()
-            quoted = "\n\nThis message was left out of the conversation" + (f":\n\n> {left_out}" if left_out else ".")
-            return history[:start] + [note("⚠️ Not sent", update.error + quoted)]
+            return history + [{"role": "assistant", "content": update.text}, note("⚠️ Error", update.error)]
         if not update.text and update.status:
             return history + [note(update.status, status=PENDING)]
         out = history + [{"role": "assistant", "content": update.text}]
@@ -146,14 +205,17 @@ class ChatApp:
         return out
 
     def clear(self, session: ChatSession) -> ChatSession:
+        """Clear (the page has emptied the chat): a new conversation. The same click cancels a reply in
+        progress, whose last updates may still reach the page; ``finish`` then empties the chat again."""
         session.reset()
+        session.cleared = True
         return session
 
     # ---- the API ----------------------------------------------------------------------------------------
 
     def api_chat(self, message: Any, system: str, temperature: float, top_p: float, max_tokens: float,
                  session: ChatSession) -> Iterator[tuple[str, Optional[dict]]]:
-        """``/chat``: one user turn (text and image files); the session remembers the conversation.
+        """``/chat``: one user turn (a string, or text and image files); the session remembers the conversation.
 
         Streams ``(reply so far, None)`` and ends with ``(reply, stats)``; a problem ends it with
         ``("⚠️ message", {"error": message})`` and the turn is not remembered.
@@ -166,8 +228,7 @@ class ChatApp:
         history = session.api_history + [{"role": "user", "content": content}]
         settings = Settings(system or "", temperature, top_p, int(max_tokens))
         text, keep = "", False
-        updates = stream_reply(self.holder, session, normalize_history(history), settings, upload_dirs(),
-                               self.config.max_image_pixels)
+        updates = self._stream(session, normalize_history(history), settings)
         try:
             for update in updates:
                 if update.error:
@@ -182,38 +243,60 @@ class ChatApp:
 
     def api_clear(self, session: ChatSession) -> ChatSession:
         """``/clear``: forget this session's conversation and prompt cache."""
-        return self.clear(session)
+        session.reset()
+        return session
 
-    # ---- the model picker -------------------------------------------------------------------------------
+    # ---- the model picker: one model for the whole process, shown the same in every session -------------
 
-    def choices(self) -> list[tuple[str, str]]:
+    def choices(self, rescan: bool = False) -> list[tuple[str, str]]:
+        """The picker's models (scanned again if ``rescan``), with the one loaded or loading listed."""
+        if rescan or self._found is None:
+            self._found = discover_models(self.config.models_dirs, None, self.config.include_hf_cache)
+        return with_current(self._found, self._shown())
+
+    def _shown(self) -> Optional[str]:
         current = self.holder.current
-        return discover_models(self.config.models_dirs, current.name if current else None,
-                               self.config.include_hf_cache)
+        return self.holder.loading or (current.name if current else None)
 
     def status(self) -> str:
         current = self.holder.current
         if self.holder.loading:
-            return f"**Loading** `{self.holder.loading}` …"
+            meanwhile = (f"; `{current.name}` answers until it is ready" if current else
+                         "; the previous model was unloaded first, as both do not fit in memory")
+            return f"**Loading** `{self.holder.loading}` …{meanwhile}"
         if current is None:
             return "**No model loaded** — pick one above."
         vision = getattr(current.model.config, "vision", None)
         kind = "text and images" if vision else "text only"
         return f"**Loaded:** `{current.name}` ({kind})"
 
+    def model_view(self) -> tuple[Any, str]:
+        """The picker and the status line as they are for the whole process."""
+        return gr.Dropdown(choices=self.choices(), value=self._shown()), self.status()
+
     def on_load(self) -> tuple[Any, str]:
-        current = self.holder.current
-        return gr.Dropdown(choices=self.choices(), value=current.name if current else None), self.status()
+        self.choices(rescan=True)
+        return self.model_view()
+
+    def follow_model(self, shown_status: Optional[str]) -> tuple[Any, Any]:
+        """On the page's timer: show a model change made from another session (nothing sent if none)."""
+        if shown_status == self.status():
+            return gr.skip(), gr.skip()
+        return self.model_view()
 
     def refresh(self) -> Any:
-        return gr.Dropdown(choices=self.choices())
+        return gr.Dropdown(choices=self.choices(rescan=True))
 
-    def switch_model(self, name: Optional[str], progress: gr.Progress = gr.Progress(track_tqdm=True)) -> str:
-        """Load the picked model (queued behind any reply in progress), showing progress."""
-        if not name:
-            return self.status()
-        try:
-            self.holder.load(name, progress=lambda fraction, text: progress(fraction, desc=text))
-        except (OSError, ValueError) as e:
-            return f"❌ Could not load `{name}`: {e}\n\n" + self.status()
-        return self.status()
+    def switch_model(self, name: Optional[str],
+                     progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
+        """Load the picked model for every session (queued behind any reply in progress), showing progress.
+
+        A failure is shown as a warning, and the picker and status line go back to the model that is loaded.
+        """
+        if name:
+            try:
+                self.holder.load(name, progress=lambda fraction, text: progress(fraction, desc=text))
+            except (OSError, ValueError) as e:
+                log.warning("could not load %s: %s", name, e)
+                gr.Warning(f"Could not load {name}: {e}", duration=None, title="✗ Model not loaded")
+        return self.model_view()

@@ -96,7 +96,11 @@ def discover_models(search_dirs: Sequence[Path] = (), current: Optional[str] = N
     choices += [(f"{_label(p)}", str(p)) for p in local_folders(search_dirs)]
     if include_hf_cache:
         choices += [(f"{repo} (Hugging Face cache)", str(path)) for repo, path in hf_cache_models()]
-    values = {v for _, v in choices}
-    if current and current not in values:
-        choices.insert(1, (current, current))
+    return with_current(choices, current)
+
+
+def with_current(choices: list[tuple[str, str]], current: Optional[str]) -> list[tuple[str, str]]:
+    """``choices`` with ``current`` listed (second, after the demo model) if it is not already."""
+    if current and current not in {v for _, v in choices}:
+        return choices[:1] + [(current, current)] + choices[1:]
     return choices

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import gradio as gr
 
 from .chat import ChatSession
 from .handlers import ChatApp
+from .inputs import GuardedBlocks
 
 DEVICE = "device"  # the queue slot shared by everything that runs on the device
+FOLLOW_SECONDS = 2.0  # how often a page checks whether another session switched the model
 # System fonts only: the page loads nothing from the internet, so the app works offline.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-# Pictures in the chat as thumbnails (the expand button shows them full size).
-CSS = "#chatbot .message img { max-height: 200px; width: auto; object-fit: contain; }"
+CSS = """
+/* Pictures in the chat as thumbnails (the expand button shows them full size). */
+#chatbot .message img { max-height: 200px; width: auto; object-fit: contain; }
+/* The chat's label and its corner buttons (clear, copy all) float over the top of the chat: start the
+   scrolling conversation below them, so that they never cover a message. */
+#chatbot .bubble-wrap { margin-top: 36px; height: calc(100% - 36px); }
+"""
 
 
 def build(app: ChatApp) -> gr.Blocks:
@@ -21,11 +29,12 @@ def build(app: ChatApp) -> gr.Blocks:
 
     Generation events (send, retry, the ``/chat`` API, model switching) share one queue slot
     (``concurrency_id="device"``, limit 1): one runs at a time, the others show their queue position. The
-    textbox's Stop button cancels the running reply; Gradio then closes the handler's generator, which stops
-    the MLX generator on the device thread.
+    textbox's Stop button and the chat's Clear button cancel the running reply; Gradio then closes the
+    handler's generator, which stops the MLX generator on the device thread, and ``finish`` settles the chat.
+    The model is one for the whole process: a timer brings every page's picker and status line up to date.
     """
     d = app.config.defaults
-    with gr.Blocks(title=app.config.title, fill_height=True) as demo:
+    with GuardedBlocks(title=app.config.title, fill_height=True) as demo:
         session = gr.State(ChatSession())
         with gr.Row(equal_height=False):
             with gr.Column(scale=4):
@@ -38,7 +47,7 @@ def build(app: ChatApp) -> gr.Blocks:
                     placeholder="Message (Enter to send, Shift+Enter for a new line)", autofocus=True,
                     submit_btn=True, stop_btn=False)
             with gr.Column(scale=1, min_width=260):
-                picker = gr.Dropdown(label="Model", choices=app.choices(), interactive=True,
+                picker = gr.Dropdown(label="Model", choices=app.choices(), interactive=True, elem_id="model-picker",
                                      value=app.holder.current.name if app.holder.current else None)
                 refresh = gr.Button("↻ Rescan models", size="sm")
                 status = gr.Markdown(app.status(), elem_id="model-status")
@@ -51,21 +60,22 @@ def build(app: ChatApp) -> gr.Blocks:
         api_reset = gr.Button(visible=False)
         api_reply = gr.Textbox(visible=False)
         api_stats = gr.JSON(visible=False)
+        timer = gr.Timer(FOLLOW_SECONDS)
 
         sampling = [system, temperature, top_p, max_tokens]
         generate = dict(fn=app.respond, inputs=[chatbot, session] + sampling, outputs=[chatbot],
                         concurrency_limit=1, concurrency_id=DEVICE, api_visibility="undocumented",
                         show_progress="full")
-        sent = textbox.submit(app.add_message, [textbox, chatbot], [textbox, chatbot], queue=False,
+        finish = dict(fn=app.finish, inputs=[chatbot, session], outputs=[textbox, chatbot], queue=False,
+                      api_visibility="undocumented")
+        sent = textbox.submit(app.add_message, [textbox, chatbot, session], [textbox, chatbot], queue=False,
                               api_name="add_message", api_visibility="undocumented")
         reply = sent.then(api_name="respond", **generate)
-        reply.then(app.finish, [chatbot], [textbox, chatbot], queue=False, api_name="finish",
-                   api_visibility="undocumented")
-        retried = chatbot.retry(app.prepare_retry, [chatbot], [textbox, chatbot], queue=False,
+        reply.then(api_name="finish", **finish)
+        retried = chatbot.retry(app.prepare_retry, [chatbot, session], [textbox, chatbot], queue=False,
                                 api_name="prepare_retry", api_visibility="undocumented")
         re_reply = retried.then(api_name="retry", **generate)
-        re_reply.then(app.finish, [chatbot], [textbox, chatbot], queue=False, api_name="finish_retry",
-                      api_visibility="undocumented")
+        re_reply.then(api_name="finish_retry", **finish)
         textbox.stop(None, None, None, cancels=[reply, re_reply], api_name="stop", api_visibility="undocumented")
         chatbot.undo(app.undo, [chatbot], [textbox, chatbot], queue=False, api_name="undo",
                      api_visibility="undocumented")
@@ -76,9 +86,11 @@ def build(app: ChatApp) -> gr.Blocks:
                        api_name="chat", concurrency_limit=1, concurrency_id=DEVICE)
         api_reset.click(app.api_clear, [session], [session], api_name="clear", queue=False)
 
-        picker.input(app.switch_model, [picker], [status], api_name="load_model", concurrency_limit=1,
+        picker.select(app.switch_model, [picker], [picker, status], api_name="load_model", concurrency_limit=1,
                      concurrency_id=DEVICE, api_visibility="undocumented", show_progress="full")
         refresh.click(app.refresh, None, [picker], queue=False, api_name="rescan", api_visibility="undocumented")
+        timer.tick(app.follow_model, [status], [picker, status], queue=False, show_progress="hidden",
+                   api_name="follow_model", api_visibility="undocumented")
         demo.load(app.on_load, None, [picker, status], queue=False, api_name="on_load",
                   api_visibility="undocumented")
     return demo
@@ -86,9 +98,17 @@ def build(app: ChatApp) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
            max_file_size: str | int = "20mb", block: bool = True, max_queue: int = 64) -> gr.Blocks:
-    """Start the server: only uploaded files are served (no ``allowed_paths``), uploads are size-limited."""
+    """Start the server: only uploaded files are served (no ``allowed_paths``), uploads are size-limited.
+
+    Gradio's own start-up lines are silenced (they name ``launch(share=True)``, not our ``--share``);
+    with ``block`` the address is printed here and the call returns when the server stops.
+    """
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size,
-                prevent_thread_lock=not block, show_error=True, quiet=not block, ssr_mode=False,
+                prevent_thread_lock=True, show_error=True, quiet=True, ssr_mode=False,
                 inbrowser=False, allowed_paths=[], mcp_server=False, theme=THEME, css=CSS)
+    if block:
+        print(f"Running on {demo.local_url}" + ("" if share else " (--share also publishes a public link)"),
+              file=sys.stderr, flush=True)
+        demo.block_thread()
     return demo

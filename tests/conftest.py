@@ -20,3 +20,51 @@ def variant(request, tmp_path_factory):
     path = save_hf_model(model, tmp_path_factory.mktemp(name))
     ids = np.random.default_rng(1).integers(0, 1000, size=(1, 45))  # spans >= 5 chunks of every variant
     return name, path, ids, hf_logits(model, ids)
+
+
+# ---- the Gradio app's tests (test_app.py, test_app_browser.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def app_model(tmp_path_factory):
+    """A loaded tiny checkpoint (real vocabulary and tokenizer) in a ModelHolder, with one device thread for
+    the whole test session; returns ``(holder, checkpoint folder)``."""
+    from mlx_llama4.app.device import DeviceWorker, ModelHolder
+    from real_vocab import build_checkpoint
+
+    folder = tmp_path_factory.mktemp("app-models") / "tiny-llama4"
+    folder.mkdir()
+    build_checkpoint(folder)
+    holder = ModelHolder(DeviceWorker())
+    holder.load(str(folder))
+    return holder, folder
+
+
+@pytest.fixture
+def slow_generation(monkeypatch):
+    """Make each token the app generates take 50 ms; one record per generation: tokens, closed early or not,
+    the thread it ran on."""
+    import threading
+    import time
+
+    from mlx_llama4.app import chat
+
+    runs = []
+    real = chat.stream_generate
+
+    def slow(*args, **kwargs):
+        run = {"tokens": 0, "closed": False, "finished": False, "thread": threading.current_thread().name}
+        runs.append(run)
+        inner = real(*args, **kwargs)
+        try:
+            for chunk in inner:
+                run["tokens"] += 1
+                time.sleep(0.05)
+                yield chunk
+            run["finished"] = True
+        finally:
+            inner.close()
+            run["closed"] = True
+
+    monkeypatch.setattr(chat, "stream_generate", slow)
+    return runs

@@ -9,48 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import threading
+import re
 import time
+import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from app_helpers import picture, start_app  # noqa: E402
 from mlx_llama4 import PromptCache, stream_generate  # noqa: E402
 from mlx_llama4.app import chat  # noqa: E402
-from mlx_llama4.app.device import DeviceWorker, ModelHolder  # noqa: E402
+from mlx_llama4.app.device import ModelHolder  # noqa: E402
 from mlx_llama4.app.history import (ends_with_user_turn, last_user_span, normalize_history,  # noqa: E402
                                     to_model_messages)
 from mlx_llama4.app.models import DEMO, discover_models, is_llama4_folder  # noqa: E402
-from mlx_llama4.app.handlers import AppConfig, ChatApp, note  # noqa: E402
-from mlx_llama4.app.ui import build, launch  # noqa: E402
-from real_vocab import build_checkpoint  # noqa: E402
+from mlx_llama4.app.handlers import (NOT_SENT, STOPPED, STOPPED_EARLY, AppConfig, ChatApp,  # noqa: E402
+                                     note)
 
 GREEDY = dict(system="", temperature=0.0, top_p=1.0)
-
-
-# ---- fixtures shared with test_app_browser.py -------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def app_model(tmp_path_factory):
-    """A loaded tiny checkpoint in a ModelHolder (one device thread for the whole test session)."""
-    folder = tmp_path_factory.mktemp("app-models") / "tiny-llama4"
-    folder.mkdir()
-    build_checkpoint(folder)
-    holder = ModelHolder(DeviceWorker())
-    holder.load(str(folder))
-    return holder, folder
-
-
-def start_app(holder: ModelHolder, folder: Path, **config) -> tuple[ChatApp, object]:
-    """Launch the app in-process on 127.0.0.1 (a free port); returns the ChatApp and the Blocks."""
-    app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False, **config))
-    demo = launch(build(app), host="127.0.0.1", port=None, block=False)
-    return app, demo
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +44,6 @@ def client(server):
     from gradio_client import Client
 
     return Client(server[1], verbose=False)
-
-
-def picture(path: Path, w=110, h=50, seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def expected_reply(holder, messages, max_tokens):
@@ -113,7 +85,7 @@ def test_history_shapes_normalise_alike(tmp_path):
         {"role": "user", "content": {"path": img}},
         {"role": "user", "content": "What is it?"},
         {"role": "assistant", "content": "A cat."},
-        note("⏱ stats"),
+        note("stats"),
         {"role": "system", "content": "ignored"},
         {"role": "user", "content": ["Sure?"]},
     ]
@@ -160,57 +132,102 @@ def test_image_checks(tmp_path):
     big = picture(tmp_path / "big.png", 400, 300)
     assert chat.check_image(str(good), uploads) is None
     assert "not a recognised image" in chat.check_image(str(tmp_path / "bad.png"), uploads)
-    assert "above the limit" in chat.check_image(str(big), uploads, max_pixels=100_000)
+    for decode in (True, False):  # the limit is this app's flag, whichever check finds it
+        message = chat.check_image(str(big), uploads, max_pixels=100_000, decode=decode)
+        assert "above this app's limit of 100,000 pixels (--max-image-pixels)" in message, message
     assert "only images uploaded" in chat.check_image("/etc/hostname", uploads)
+    assert "only images uploaded" in chat.check_image(str(tmp_path / ".." / "elsewhere.png"), uploads)
     assert "gone" in chat.check_image(str(tmp_path / "missing.png"), uploads)
     line = chat.format_stats(dict(prompt_tokens=30, prompt_tps=100.0, generation_tokens=5, generation_tps=20.0,
-                                  time_to_first_token=0.25, peak_memory=1.5, finish_reason="length"))
-    assert "first token 0.25 s" in line and "100.0 tok/s" in line and "1.50 GB" in line and "token limit" in line
+                                  time_to_first_token=0.25, peak_memory=1.5, finish_reason="length",
+                                  model="/models/scout-4bit"))
+    assert line.startswith("scout-4bit · first token 0.25 s") and "100.0 tok/s" in line and "1.50 GB" in line
+    assert "token limit" in line
 
 
 # ---- the browser's handlers, called directly --------------------------------------------------------------
 
 
-def test_ui_handlers_send_retry_undo(app_model, tmp_path, monkeypatch):
+def _handlers(app_model, tmp_path, monkeypatch) -> ChatApp:
+    """The app's handlers around the test model, with ``tmp_path`` as the upload folder."""
     holder, folder = app_model
-    monkeypatch.setattr(chat, "upload_dirs", lambda: [tmp_path])
     from mlx_llama4.app import handlers
 
+    monkeypatch.setattr(chat, "upload_dirs", lambda: [tmp_path])
     monkeypatch.setattr(handlers, "upload_dirs", lambda: [tmp_path])
-    app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
+    return ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
+
+
+def test_ui_handlers_send_retry_undo(app_model, tmp_path, monkeypatch):
+    holder, _ = app_model
+    app = _handlers(app_model, tmp_path, monkeypatch)
     session = chat.ChatSession()
     img = str(picture(tmp_path / "cat.png"))
-    box, history = app.add_message({"text": "What is it?", "files": [img]}, [])
+    box, history = app.add_message({"text": "What is it?", "files": [img]}, [], session)
     assert history == [{"role": "user", "content": [{"path": img}, "What is it?"]}]
     frames = list(app.respond(history, session, "", 0.0, 1.0, 8))
     assert len(frames) > 2 and frames[0][-1]["metadata"]["status"] == "pending"  # "Reading the prompt…"
     final = frames[-1]
     reply, stats = final[-2], final[-1]
     want, _ = expected_reply(holder, to_model_messages(normalize_history(history)), 8)
-    assert reply == {"role": "assistant", "content": want} and stats["metadata"]["title"].startswith("first token")
+    assert reply == {"role": "assistant", "content": want} and "first token" in stats["metadata"]["title"]
+    assert app.finish(final, session)[1] == final  # a finished reply gets no note
 
-    _, retried = app.prepare_retry(final)
+    _, retried = app.prepare_retry(final, session)
     assert retried == history
     box, undone = app.undo(final)
     assert undone == [] and box.value["text"] == "What is it?" and box.value["files"][0]["orig_name"] == "cat.png"
 
     (tmp_path / "bad.png").write_bytes(b"GIF89a broken")
-    box, rejected = app.add_message({"text": "And this?", "files": [str(tmp_path / "bad.png")]}, final)
+    box, rejected = app.add_message({"text": "And this?", "files": [str(tmp_path / "bad.png")]}, final, session)
     assert rejected[-1]["metadata"]["title"] == "⚠️ Image not accepted" and "bad.png" in rejected[-1]["content"]
     assert list(app.respond(rejected, session, "", 0.0, 1.0, 8)) == [rejected]  # nothing to answer
+    assert app.prepare_retry(rejected, session)[1] == rejected  # Retry does not answer the turn before again
+    assert app.undo(rejected)[1] == final  # Undo takes back the note only; the draft is still in the textbox
 
-    # An error from the processor (here: a conversation longer than the context) replaces the turn by a note.
+
+def test_a_message_not_sent_goes_back_to_the_textbox(app_model, tmp_path, monkeypatch):
+    """An error before the reply begins (here: a conversation longer than the context) removes the turn,
+    puts it back into the textbox with its files, and Retry then does not answer the turn before."""
+    holder, _ = app_model
+    app = _handlers(app_model, tmp_path, monkeypatch)
+    session = chat.ChatSession()
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    img = str(picture(tmp_path / "dog.png"))
+    _, history = app.add_message({"text": "more " * 40, "files": [img]}, earlier, session)
     context = holder.current.model.config.text.max_position_embeddings
     try:
         holder.current.model.config.text.max_position_embeddings = 40
-        long = final + [{"role": "user", "content": "more " * 40}]
-        out = list(app.respond(long, session, "", 0.0, 1.0, 8))[-1]
+        out = list(app.respond(history, session, "", 0.0, 1.0, 8))[-1]
     finally:
         holder.current.model.config.text.max_position_embeddings = context
-    assert out[:-1] == final and out[-1]["metadata"]["title"] == "⚠️ Not sent"
-    assert "context" in out[-1]["content"] and "more more" in out[-1]["content"]
-    _, cleaned = app.finish(history + [note("Reading the prompt…", status="pending")])
-    assert cleaned[-1]["metadata"] == {"title": "⏹ Stopped before the reply began", "status": "done"}
+    assert out[:-1] == earlier and out[-1]["metadata"]["title"] == NOT_SENT and "context" in out[-1]["content"]
+    box, shown = app.finish(out, session)
+    args = box.constructor_args
+    assert shown == out and args["value"] == {"text": ("more " * 40).strip(), "files": [img]}
+    assert args["interactive"] is True and session.unsent is None
+    assert app.prepare_retry(shown, session)[1] == shown
+    assert "value" not in app.finish(shown, session)[0].constructor_args  # the next finish leaves it alone
+
+
+def test_finish_says_how_a_reply_ended(app_model, tmp_path, monkeypatch):
+    app = _handlers(app_model, tmp_path, monkeypatch)
+    session = chat.ChatSession()
+    asked = [{"role": "user", "content": "Count to ten."}]
+    partial = asked + [{"role": "assistant", "content": "One, two,"}]
+    _, stopped = app.finish(partial, session)  # Stop while the reply streamed: it has no stats line
+    assert stopped == partial + [note(STOPPED, status="done")]
+    _, queued = app.finish(asked, session)  # Stop while waiting in the queue: the reply never began
+    assert queued == asked + [note(STOPPED_EARLY, status="done")]
+    _, reading = app.finish(asked + [note("Reading the prompt…", status="pending")], session)
+    assert reading == queued
+    assert app.prepare_retry(queued, session)[1] == asked  # and Retry answers it
+
+    app.clear(session)  # Clear during a reply: whatever the reply streamed meanwhile, the chat ends empty
+    box, cleared = app.finish(partial, session)
+    assert cleared == [] and box.constructor_args["interactive"] is True
+    app.add_message({"text": "Hi", "files": []}, [], session)  # the next message is a new turn
+    assert app.finish(partial, session)[1] == stopped
 
 
 # ---- the running app through gradio_client ------------------------------------------------------------------
@@ -224,6 +241,7 @@ def test_streamed_text_reply(server, client, slow_generation):
     assert reply == want and len(set(partial)) >= 6  # streamed token by token, not one block
     assert all(want.startswith(text) for text in partial)
     assert stats["prompt_tokens"] == prompt_tokens and stats["generation_tokens"] == 12
+    assert stats["model"] == app.holder.current.name  # which model answered
     assert stats["time_to_first_token"] > 0 and stats["peak_memory"] > 0 and stats["generation_tps"] > 0
 
 
@@ -276,33 +294,9 @@ def test_bad_and_oversized_images_are_messages(server, client, tmp_path):
     assert "gradio" not in reply, reply  # the server's upload folder is not shown
     big = picture(tmp_path / "huge.png", 600, 400)  # 240,000 pixels; this server's limit is 200,000
     reply, stats, _ = send(client, "Look", [big])
-    assert reply.startswith("⚠️") and "above the limit" in reply
+    assert reply.startswith("⚠️") and "above this app's limit" in reply and "--max-image-pixels" in reply
     reply, stats, _ = send(client, "Still there?")  # the failed turns were not remembered
     assert not reply.startswith("⚠️") and stats["prompt_tokens"] > 0
-
-
-@pytest.fixture
-def slow_generation(monkeypatch):
-    """Make each generated token take 50 ms; one record per generation: tokens, closed early or not, thread."""
-    runs = []
-    real = chat.stream_generate
-
-    def slow(*args, **kwargs):
-        run = {"tokens": 0, "closed": False, "finished": False, "thread": threading.current_thread().name}
-        runs.append(run)
-        inner = real(*args, **kwargs)
-        try:
-            for chunk in inner:
-                run["tokens"] += 1
-                time.sleep(0.05)
-                yield chunk
-            run["finished"] = True
-        finally:
-            inner.close()
-            run["closed"] = True
-
-    monkeypatch.setattr(chat, "stream_generate", slow)
-    return runs
 
 
 def _wait(predicate, timeout=20.0):
@@ -334,46 +328,194 @@ def test_cancel_stops_generation_and_queue_shows_position(server, client, slow_g
     assert stats["generation_tokens"] == 4
 
 
-def test_main_loads_then_launches(app_model, tmp_path, monkeypatch, capsys):
-    from mlx_llama4.app import cli, ui
+def test_main_checks_the_address_then_loads_then_launches(app_model, tmp_path, monkeypatch, capsys):
+    import socket
+
+    from mlx_llama4.app import cli, device, ui
     from mlx_llama4.cli import main as top_main
 
     args = cli.parser().parse_args([])
     assert (args.model, args.host, args.port, args.share, args.max_file_size) == ("demo", "127.0.0.1", 7860, False,
                                                                                  "20mb")
-    assert top_main(["app", "--model", str(tmp_path / "absent"), "--no-hf-cache"]) == 2
+    assert (args.kv_bits, args.kv_group_size) == (None, None)  # no KV quantization; the group size automatic
+    assert top_main(["app", "--model", str(tmp_path / "absent"), "--no-hf-cache", "--port", "7998"]) == 2
     assert "cannot load" in capsys.readouterr().err
+
+    loads = []
+    monkeypatch.setattr(device, "_locate", lambda name, report: loads.append(name))
+    with socket.socket() as taken:  # a busy port, and an address that is not this machine's: one line each,
+        taken.bind(("127.0.0.1", 0))  # before any model is loaded
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for flags in (["--port", str(busy)], ["--host", "192.0.2.1"], ["--host", "no-such-host.invalid"]):
+            assert top_main(["app", "--no-hf-cache"] + flags) == 2, flags
+            err = capsys.readouterr().err
+            assert err.startswith("mlx-llama4 app: error: cannot listen on ") and err.count("\n") == 1, err
+    assert loads == []
+    monkeypatch.undo()
 
     holder, folder = app_model
     launched = {}
-    monkeypatch.setattr(cli, "make_app", lambda a: ChatApp(holder, AppConfig(models_dirs=a.models_dir)))
+    monkeypatch.setattr(cli, "make_app", lambda a: ChatApp(holder, AppConfig(
+        models_dirs=a.models_dir, kv_bits=a.kv_bits, kv_group_size=a.kv_group_size)))
     monkeypatch.setattr(ui, "launch", lambda demo, **kw: launched.update(kw, demo=demo))
-    assert top_main(["app", "--model", str(folder), "--port", "7999", "--host", "0.0.0.0", "--share"]) == 0
+    assert top_main(["app", "--model", str(folder), "--port", "7999", "--host", "0.0.0.0", "--share",
+                     "--kv-bits", "8"]) == 0
     assert launched["port"] == 7999 and launched["host"] == "0.0.0.0" and launched["share"] is True
     assert launched["max_file_size"] == "20mb" and launched["demo"].config["title"] == "Llama 4 · MLX"
 
 
-def test_model_switch_shows_progress_and_drops_caches(app_model, tmp_path):
+def test_launch_names_our_share_flag(app_model, monkeypatch, capsys):
+    """Gradio's start-up lines name ``launch(share=True)``; the app prints its address and ``--share``."""
+    import gradio as gr
+
+    from mlx_llama4.app.ui import build, launch
+
+    holder, folder = app_model
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    demo = launch(build(ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))),
+                  port=None, block=True)
+    try:
+        out = capsys.readouterr()
+        assert "share=True" not in out.out + out.err
+        assert f"Running on {demo.local_url} (--share also publishes a public link)" in out.err
+    finally:
+        demo.close()
+
+
+def test_kv_quantization_flags_reach_generation(app_model, tmp_path, monkeypatch):
+    seen = []
+    real = chat.stream_generate
+    monkeypatch.setattr(chat, "stream_generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    app = _handlers(app_model, tmp_path, monkeypatch)
+    list(app.respond([{"role": "user", "content": "Hi"}], chat.ChatSession(), "", 0.0, 1.0, 2))
+    app.config.kv_bits, app.config.kv_group_size = 8, 32
+    seen.append("api")
+    list(app.api_chat("Hi", "", 0.0, 1.0, 2, chat.ChatSession()))
+    assert [kw if kw == "api" else (kw["kv_bits"], kw["kv_group_size"]) for kw in seen] == [
+        (None, None), "api", (8, 32)]
+
+
+def test_special_tokens_are_not_shown(app_model, tmp_path, monkeypatch):
+    """A sampled special token (``<|reserved_special_token_303|>``) is not part of the reply's text.
+
+    The model's token stream is replaced by fixed tokens; the text comes from ``stream_generate``'s own
+    detokenizing, which leaves special tokens out (a library change this test depends on).
+    """
+    from mlx_llama4 import generation
+
+    holder, _ = app_model
+    tokenizer = holder.current.processor.tokenizer
+    special = tokenizer.convert_tokens_to_ids("<|reserved_special_token_303|>")
+    tokens = tokenizer.encode("Hello", add_special_tokens=False) + [special] + tokenizer.encode(
+        " there", add_special_tokens=False)
+    monkeypatch.setattr(generation, "generate_step", lambda *a, **kw: iter([(t, None) for t in tokens]))
+    app = _handlers(app_model, tmp_path, monkeypatch)
+    final = list(app.respond([{"role": "user", "content": "Hi"}], chat.ChatSession(), "", 0.0, 1.0,
+                             len(tokens)))[-1]
+    assert final[-2]["content"].replace(" ", "") == "Hellothere", final[-2]
+    assert "<|" not in json.dumps(final)
+
+
+def _other_model(tmp_path, folder) -> Path:
+    """Another name for the test checkpoint: a valid model folder that the holder has not loaded."""
+    other = tmp_path / "other-llama4"
+    other.symlink_to(folder, target_is_directory=True)
+    return other
+
+
+def test_model_switch_loads_next_to_the_current_one_when_both_fit(app_model, tmp_path, monkeypatch):
+    from mlx_llama4.app import device
+
     real, folder = app_model
     loaded = real.current
-    other = tmp_path / "other-llama4"
-    other.mkdir()
-    (other / "config.json").write_text("{}")
+    other = _other_model(tmp_path, folder)
     calls = []
-    holder = ModelHolder(real.worker, loader=lambda source: calls.append(source) or (loaded.model, loaded.processor))
+
+    def loader(source):
+        calls.append((source, holder.current.name if holder.current else None))
+        return loaded.model, loaded.processor
+
+    holder = ModelHolder(real.worker, loader=loader)
     app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
     assert "No model loaded" in app.status()
     app.switch_model(str(folder), progress=lambda *a, **k: None)
     session = chat.ChatSession()
     holder.worker.call(session.prompt_cache, holder.current)
+    monkeypatch.setattr(device, "memory_bytes", lambda: 1 << 50)
     steps = []
-    status = app.switch_model(str(other), progress=lambda fraction, desc: steps.append((fraction, desc)))
-    assert calls == [folder, other] and holder.current.name == str(other) and holder.current.generation == 2
-    assert f"`{other}`" in status and "text and images" in status
+    picker, status = app.switch_model(str(other), progress=lambda fraction, desc: steps.append((fraction, desc)))
+    assert calls == [(folder, None), (other, str(folder))]  # the first model stayed while the new one loaded
+    assert holder.current.name == str(other) and holder.current.generation == 2
+    assert f"`{other}`" in status and "text and images" in status and picker.constructor_args["value"] == str(other)
     assert [f for f, _ in steps] == sorted(f for f, _ in steps) and steps[-1] == (1.0, f"Loaded {other}")
-    assert session.cache is None  # the old model's caches were let go before the new one loaded
+    assert session.cache is None  # the old model's caches were let go
     choices = dict((v, label) for label, v in app.choices())
     assert str(other) in choices and str(folder.resolve()) in choices and DEMO in choices
+
+
+def test_failed_switch_keeps_the_model_and_the_picker_shows_it(app_model, tmp_path, monkeypatch):
+    """A wrong name, folder or config fails before anything is unloaded; a load that fails later keeps the
+    current model when both fit, and loads it again when the current one had to make room."""
+    from mlx_llama4.app import device
+
+    real, folder = app_model
+    loaded = real.current
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_size"] = "big"
+    (bad_config / "config.json").write_text(json.dumps(config))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((folder / "config.json").read_text())
+    broken = _other_model(tmp_path, folder)
+    names = []
+
+    def loader(source):
+        names.append(holder.current.name if holder.current else None)
+        if Path(source) == broken:
+            raise ValueError("broken.safetensors: cannot read tensor data")
+        return loaded.model, loaded.processor
+
+    holder = ModelHolder(real.worker, loader=loader)
+    holder.load(str(folder))
+    app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
+    want = f"**Loaded:** `{folder}` (text and images)"
+    for name, problem in [(tmp_path / "nowhere", "not found"), (bad_config, "hidden_size"),
+                          (no_weights, "safetensors"), (broken, "cannot read tensor data")]:
+        for room in (1 << 50, 0):  # both models fit in memory, or not
+            monkeypatch.setattr(device, "memory_bytes", lambda: room)
+            names.clear()
+            with pytest.warns(UserWarning, match=problem):
+                picker, status = app.switch_model(str(name), progress=lambda *a, **k: None)
+            assert status == want and picker.constructor_args["value"] == str(folder), (name, room)
+            if name != broken:
+                assert names == [], (name, room)  # refused before anything was unloaded or loaded
+            else:  # loaded next to the current model; or after unloading it, and then the current one again
+                assert names == ([str(folder)] if room else [None, None]), room
+    assert holder.current.name == str(folder)
+
+
+def test_every_session_sees_the_model_that_answers(server, app_model):
+    """The model is one for the process: a page's timer brings its picker and status line up to date, and
+    each reply's stats line names the model that wrote it."""
+    import gradio as gr
+
+    app, _ = server
+    _, folder = app_model
+    shown = app.status()
+    assert app.follow_model(shown) == (gr.skip(), gr.skip())  # nothing changed: nothing is sent
+    app.holder.loading = "some/other-model"
+    try:
+        picker, status = app.follow_model(shown)
+        assert status.startswith("**Loading** `some/other-model`") and f"`{folder}` answers" in status
+        assert picker.constructor_args["value"] == "some/other-model"
+        assert "some/other-model" in [v for _, v in picker.constructor_args["choices"]]
+    finally:
+        app.holder.loading = None
+    picker, status = app.follow_model(status)
+    assert status == shown and picker.constructor_args["value"] == str(folder)
 
 
 def test_only_uploads_are_served_and_uploads_are_limited(server):
@@ -396,17 +538,87 @@ def test_prompt_cache_follows_the_model(app_model):
     assert session.cache is None
 
 
-def test_failed_switch_keeps_the_model(app_model, tmp_path):
-    holder, folder = app_model
-    app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
-    status = app.switch_model(str(tmp_path / "nowhere"), progress=lambda *a, **k: None)
-    assert status.startswith("❌ Could not load") and "not found" in status
-    assert holder.current is not None and holder.current.name == str(folder)
-
-
 def test_only_recent_sessions_keep_a_cache(app_model):
     holder, _ = app_model
     sessions = [chat.ChatSession() for _ in range(chat.MAX_CACHED_SESSIONS + 2)]
     for session in sessions:
         holder.worker.call(session.prompt_cache, holder.current)
     assert [s.cache is not None for s in sessions] == [False] * 2 + [True] * chat.MAX_CACHED_SESSIONS
+
+
+def _refused_route_values(component: dict, foreign: dict) -> list:
+    """Values that name the file ``foreign`` as an input of ``component``'s type would carry it."""
+    kind = component["type"]
+    if kind == "multimodaltextbox":
+        return [{"text": "Look", "files": [foreign]}, {"text": "Look", "files": [{"path": foreign["path"]}]}]
+    if kind == "chatbot":
+        embedded = {"type": "component", "component": "image", "value": {"path": foreign["path"]},
+                    "constructor_args": {}, "props": {}}
+        return [[{"role": "user", "content": [{"type": "file", "file": foreign}, {"type": "text", "text": "Hi"}]}],
+                [{"role": "user", "content": [embedded, {"type": "text", "text": "Hi"}]}]]
+    return [foreign]
+
+
+def _plain_value(component: dict):
+    """A harmless value for an input of ``component``'s type."""
+    kind = component["type"]
+    if kind == "multimodaltextbox":
+        return {"text": "Hi", "files": []}
+    if kind == "chatbot":
+        return [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    return component.get("props", {}).get("value")
+
+
+def test_no_route_reads_or_serves_a_file_that_was_not_uploaded(server, tmp_path, monkeypatch, caplog, capfd):
+    """Every route the app exposes (documented or not), called through gradio_client with a server path
+    where a file belongs, is refused before Gradio copies the file into its cache; nothing is served."""
+    import httpx
+    from gradio.utils import get_upload_folder
+    from gradio_client import Client
+    from gradio_client.client import Endpoint
+
+    app, url = server
+    secret = picture(tmp_path / f"secret-{uuid.uuid4().hex}.png", 40, 30, seed=9)  # an image, in the temp folder
+    foreign = {"path": str(secret), "meta": {"_type": "gradio.FileData"}, "orig_name": secret.name}
+    monkeypatch.setattr(Endpoint, "_upload_file", lambda self, f, data_index: f)  # send the path as it is
+    client = Client(url, verbose=False)
+    config = httpx.get(f"{url.rstrip('/')}/config").json()
+    components = {c["id"]: c for c in config["components"]}
+    attacked, accepted, reasons = [], [], []
+    for dep in config["dependencies"]:
+        inputs = [components[i] for i in dep["inputs"] if components[i]["type"] != "state"]
+        if not inputs:
+            continue  # nothing a caller can send (Stop, Rescan, the page load, the cancel events)
+        for slot, component in enumerate(inputs):
+            for bad in _refused_route_values(component, foreign):
+                args = [bad if i == slot else _plain_value(c) for i, c in enumerate(inputs)]
+                attacked.append(dep["api_name"])
+                try:
+                    accepted.append((dep["api_name"], client.submit(*args, fn_index=dep["id"]).result(timeout=60)))
+                except Exception as e:
+                    reasons.append(str(e))
+    assert {"add_message", "respond", "retry", "finish", "prepare_retry", "finish_retry", "undo", "chat",
+            "load_model", "follow_model"} <= set(attacked)
+    assert not list(Path(get_upload_folder()).rglob(secret.name))  # never copied into Gradio's cache
+    response = httpx.get(f"{url.rstrip('/')}/gradio_api/file={secret}")
+    assert response.status_code in (403, 404)
+    assert accepted == []  # every call was refused, by the app's own check,
+    assert all(re.search("only files uploaded|only text and uploaded files", r) for r in reasons), reasons
+    refusals = [r for r in caplog.records if r.getMessage().startswith("refused a call to /")]
+    assert len(refusals) == len(attacked)  # with one line in the log each
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_chat_takes_a_plain_string_and_refuses_other_shapes_in_one_line(server, client, caplog, capfd):
+    app, _ = server
+    reply, stats = client.predict("Hello there!", max_tokens=6, api_name="/chat", **GREEDY)
+    want, prompt_tokens = expected_reply(app.holder, [{"role": "user", "content": "Hello there!"}], 6)
+    assert reply == want and stats["prompt_tokens"] == prompt_tokens
+    client.predict(api_name="/clear")
+    capfd.readouterr()
+    for message in (123, {"files": []}):
+        with pytest.raises(Exception, match="validation error"):
+            client.predict(message, "", 0.0, 1.0, 6, api_name="/chat")
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a call to /chat:")]
+    assert len(refusals) == 2 and all("\n" not in r for r in refusals), refusals
+    assert "Traceback" not in capfd.readouterr().err

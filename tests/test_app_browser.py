@@ -1,9 +1,9 @@
-"""End to end in headless Chromium: type, attach images (upload, paste, drop), send, watch the reply stream, Stop.
+"""End to end in headless Chromium: type, attach images (upload, paste, drop), send, watch the reply stream, Stop,
+Clear, the layout and the glyphs the page shows.
 
 Needs Debian's ``chromium`` and the ``playwright`` Python package (``scripts/ci_browser_deps.sh`` installs
-both; Playwright's own browser download is not used) and skips without them. The README screenshot is
-refreshed on demand: ``MLX_LLAMA4_SCREENSHOT=docs/app.png pytest tests/test_app_browser.py -k readme``
-(with the demo model, or the model named by ``MLX_LLAMA4_APP_MODEL``).
+both, and the DejaVu fonts; Playwright's own browser download is not used) and skips without them. The README
+screenshot is made by ``scripts/screenshot_app.py``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,9 +27,9 @@ if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
 pytest.importorskip("playwright.sync_api",
                     reason="the playwright package is not installed (bash scripts/ci_browser_deps.sh installs it)")
 
+from app_helpers import start_app  # noqa: E402
+from mlx_llama4.app import chat  # noqa: E402
 from mlx_llama4.app.chat import Settings  # noqa: E402
-from mlx_llama4.app.device import DeviceWorker, ModelHolder  # noqa: E402
-from test_app import app_model, slow_generation, start_app  # noqa: E402,F401  (fixtures)
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -48,11 +51,16 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(app_model):  # noqa: F811
+def served(app_model):
     holder, folder = app_model
-    _, demo = start_app(holder, folder, defaults=Settings(max_tokens=MAX_TOKENS))
-    yield demo.local_url
+    app, demo = start_app(holder, folder, defaults=Settings(max_tokens=MAX_TOKENS))
+    yield app, demo.local_url
     demo.close()
+
+
+@pytest.fixture
+def url(served):
+    return served[1]
 
 
 REPLY = "#chatbot .message:not(.thought) > [data-testid=bot]"  # assistant replies, not the app's notes
@@ -110,7 +118,7 @@ def _until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):  # noqa: F811
+def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):
     page = browser.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -147,6 +155,7 @@ def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):  # noqa: 
     stopped = _bot_text(page)
     time.sleep(1.0)
     assert stopped.strip() and _bot_text(page) == stopped  # the partial reply stays; nothing more arrives
+    page.locator("#chatbot").get_by_text("■ Stopped", exact=True).wait_for(timeout=10_000)  # marked as cut
 
     # The other tab's turn comes; its chat holds only its own conversation.
     other.locator("#chatbot").get_by_text("peak memory").wait_for(timeout=60_000)
@@ -181,48 +190,143 @@ def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):  # noqa: 
     page.close()
 
 
-def _scene(path: Path, seed: int, count: int = 2) -> Path:
-    """A picture like those the demo model was trained on (training/shapes.py), else a drawing."""
+@pytest.fixture
+def fast_stream(monkeypatch):
+    """Replace generation by a quick stream of 400 words (20 ms apart); records the messages of each call."""
+    calls = []
+
+    def stream(model, processor, messages, **kwargs):
+        calls.append(messages)
+        for i in range(400):
+            time.sleep(0.02)
+            yield SimpleNamespace(text=f"w{i} ", token=1, finish_reason="length" if i == 399 else None,
+                                  prompt_tokens=1, prompt_tps=1.0, generation_tokens=i + 1, generation_tps=1.0,
+                                  time_to_first_token=0.1, peak_memory=0.1)
+
+    monkeypatch.setattr(chat, "stream_generate", stream)
+    return calls
+
+
+def test_clear_during_a_reply_clears(browser, url, fast_stream):
+    """Clear while a reply streams: the chat empties and stays empty, and the next message starts afresh."""
+    page = browser.new_page()
+    page.goto(url)
+    box = page.locator("#message textarea")
+    box.wait_for(timeout=30_000)
+    for attempt in range(3):  # the reply's last updates race the click: try at a few moments
+        box.fill(f"Tell me a story ({attempt})")
+        box.press("Enter")
+        _reply_longer_than(page, 20 + 40 * attempt)
+        page.locator("#chatbot button[aria-label='Clear']").click()
+        page.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
+        time.sleep(0.5)
+        assert page.locator("#chatbot .message").count() == 0, page.locator("#chatbot").inner_text()
+    box.fill("Hello")
+    box.press("Enter")
+    _reply_longer_than(page, 0)
+    assert fast_stream[-1] == [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+    page.locator("#message button[aria-label='Stop']").click()
+    page.close()
+
+
+def test_stop_while_queued_leaves_a_note_and_retry(browser, url, fast_stream):
+    page, other = browser.new_page(), browser.new_page()
+    for p in (page, other):
+        p.goto(url)
+        p.locator("#message textarea").wait_for(timeout=30_000)
+    page.locator("#message textarea").fill("A long one")
+    page.locator("#message textarea").press("Enter")
+    _reply_longer_than(page, 0)
+    other.locator("#message textarea").fill("Waiting")
+    other.locator("#message textarea").press("Enter")
+    other.get_by_text(re.compile(r"queue: 1/\d+")).wait_for(timeout=20_000)
+    other.locator("#message button[aria-label='Stop']").click()
+    other.locator("#chatbot").get_by_text("■ Stopped before the reply began").wait_for(timeout=20_000)
+    page.locator("#message button[aria-label='Stop']").click()
+    page.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
+    other.locator("#chatbot button[aria-label='Retry']").last.click()  # Retry answers the stopped message
+    _reply_longer_than(other, 0)
+    assert fast_stream[-1] == [{"role": "user", "content": [{"type": "text", "text": "Waiting"}]}]
+    other.locator("#message button[aria-label='Stop']").click()
+    other.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
+    page.close()
+    other.close()
+
+
+def test_corner_buttons_do_not_cover_the_chat(browser, url, fast_stream):
+    """The chat's label and corner buttons sit above the scrolling conversation, even when it is scrolled."""
+    page = browser.new_page()
+    page.set_viewport_size({"width": 1280, "height": 700})
+    page.goto(url)
+    box = page.locator("#message textarea")
+    box.wait_for(timeout=30_000)
+    box.fill("A long reply, please")
+    box.press("Enter")
+    page.locator("#chatbot").get_by_text("peak memory").wait_for(timeout=60_000)
+    page.evaluate("document.querySelector('#chatbot .bubble-wrap').scrollTop = 150")
+    boxes = page.evaluate("""() => {
+        const rect = sel => document.querySelector(sel).getBoundingClientRect().toJSON();
+        return {buttons: rect('#chatbot .top-panel'), label: rect('#chatbot label'),
+                chat: rect('#chatbot .bubble-wrap')}; }""")
+    assert boxes["chat"]["top"] >= max(boxes["buttons"]["bottom"], boxes["label"]["bottom"]), boxes
+    page.close()
+
+
+def test_every_symbol_the_app_shows_has_a_font():
+    """Each non-ASCII character in the app's sources (note titles, buttons, the stats line) is in an installed
+    font; a character no font has shows as an empty box (CI installs only Debian's fonts-dejavu-core)."""
+    if shutil.which("fc-list") is None:
+        pytest.skip("no fc-list (fontconfig) to ask which fonts are installed")
+    sources = Path(__file__).resolve().parents[1] / "app"
+    symbols = sorted({c for f in sources.glob("*.py") for c in f.read_text(encoding="utf-8") if ord(c) > 127})
+    missing = [c for c in symbols if not subprocess.run(
+        ["fc-list", f":charset={ord(c):x}", "family"], capture_output=True, text=True).stdout.strip()]
+    assert not missing, [f"{c} U+{ord(c):04X}" for c in missing]
+
+
+def test_a_model_switch_elsewhere_shows_on_every_page(browser, served):
+    app, url = served
+    page = browser.new_page()
+    page.goto(url)
+    status, picker = page.locator("#model-status"), page.locator("#model-picker input")
+    status.get_by_text("Loaded:").wait_for(timeout=30_000)
+    loaded = picker.input_value()
+    app.holder.loading = "another/model"  # what the page shows while another session's switch loads
     try:
-        import random
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-        import shapes
-
-        shapes.random_scene(random.Random(seed), count=count).image.save(path)
-        return path
-    except (ImportError, AttributeError, TypeError):
-        return drawing(path, 240, 120, seed)
-
-
-@pytest.mark.skipif(not os.environ.get("MLX_LLAMA4_SCREENSHOT"), reason="set MLX_LLAMA4_SCREENSHOT=docs/app.png "
-                    "(and MLX_LLAMA4_APP_MODEL, default demo) to refresh the README screenshot")
-def test_readme_screenshot(browser, app_model, tmp_path):  # noqa: F811
-    """A greeting, then a question about a picture of shapes, with the demo model."""
-    name = os.environ.get("MLX_LLAMA4_APP_MODEL", "demo")
-    holder = ModelHolder(DeviceWorker())
-    holder.load(name)
-    _, demo = start_app(holder, app_model[1], defaults=Settings(temperature=0.0, max_tokens=64))
-    try:
-        page = browser.new_page()
-        page.set_viewport_size({"width": 1280, "height": 820})
-        page.goto(demo.local_url)
-        box = page.locator("#message textarea")
-        box.wait_for(timeout=30_000)
-        turns = [("Hello!", []), ("How many shapes are there?", [_scene(tmp_path / "shapes.png", 7)])]
-        for turn, (question, files) in enumerate(turns):
-            box.fill(question)
-            if files:
-                page.set_input_files("#message input[type=file]", [str(f) for f in files])
-                page.wait_for_function(f"document.querySelectorAll('#message img').length >= {len(files)}",
-                                       timeout=20_000)
-            box.press("Enter")
-            page.locator("#chatbot").get_by_text("peak memory").nth(turn).wait_for(timeout=120_000)
-            page.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
-        target = Path(os.environ["MLX_LLAMA4_SCREENSHOT"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(target))
-        page.close()
+        status.get_by_text("another/model").wait_for(timeout=10_000)
+        assert picker.input_value() == "another/model"
     finally:
-        demo.close()
+        app.holder.loading = None
+    status.get_by_text("Loaded:").wait_for(timeout=10_000)
+    page.wait_for_function("v => document.querySelector('#model-picker input').value === v", arg=loaded,
+                           timeout=10_000)
+    page.close()
+
+
+def test_a_failed_switch_in_the_picker_keeps_the_model(browser, served, app_model):
+    """Picking a model that cannot load tries it once, warns, and leaves the picker on the loaded model."""
+    app, url = served
+    _, folder = app_model
+    broken = folder.parent / "broken-llama4"  # listed as a Llama 4 folder, but its weights are not readable
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    tries = []
+    load = app.holder.load
+    app.holder.load = lambda name, progress=None: tries.append(name) or load(name, progress)
+    page = browser.new_page()
+    try:
+        page.goto(url)
+        picker = page.locator("#model-picker input")
+        page.locator("#model-status").get_by_text("Loaded:").wait_for(timeout=30_000)
+        loaded = picker.input_value()
+        picker.click()
+        page.get_by_role("option", name="broken-llama4").click()
+        page.get_by_text("Could not load").first.wait_for(timeout=30_000)
+        time.sleep(1.0)
+        assert tries == [str(broken)] and page.get_by_text("Could not load").count() == 1
+        assert picker.input_value() == loaded and app.holder.current.name == str(folder)
+        assert page.locator("#model-status").inner_text().startswith("Loaded:")
+    finally:
+        del app.holder.load
+        page.close()
