@@ -36,9 +36,8 @@ def load_tokenizer(folder: Path, config: Mapping):
             setattr(tokenizer, role, value)
     if tokenizer.bos_token is None and token_id(tokenizer, BOS_TOKEN) is not None:
         tokenizer.bos_token = BOS_TOKEN
-    max_length = config.get("model_max_length")
-    if isinstance(max_length, int):
-        tokenizer.model_max_length = max_length
+    # tokenizer_config.json's ``model_max_length`` is not applied: the context limit is the model's
+    # (``max_position_embeddings``, checked by generation), and transformers would warn on every longer prompt.
     return tokenizer
 
 

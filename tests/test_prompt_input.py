@@ -4,6 +4,8 @@ problem, through ``Processor.__call__`` and through ``mlx_llama4.generate`` on t
 
 from __future__ import annotations
 
+import logging
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -140,3 +142,11 @@ def test_generate_refuses_malformed_messages(demo, name):
     messages, message = MALFORMED[name]
     with pytest.raises(ProcessorError, match=message):
         generate(model, processor, messages, max_tokens=4)
+
+
+def test_long_prompts_do_not_trip_the_tokenizer_length_warning(processor, caplog):
+    """The context limit is the model's; tokenizer_config.json's model_max_length (4096 for the demo) must not
+    make transformers log "Token indices sequence length is longer than ..." on every long prompt."""
+    with caplog.at_level(logging.WARNING):
+        assert len(processor.encode("shape " * 5000)) > 4096
+    assert not [r for r in caplog.records if "sequence length" in r.getMessage()]
