@@ -58,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
             force=args.force, max_shard_size=args.max_shard_size, verbose=not args.quiet,
         )
     except (ConvertError, ConfigError, CheckpointError, QuantizationOptionError, FileNotFoundError,
-            NotADirectoryError) as e:
+            NotADirectoryError, PermissionError) as e:  # input errors: exit 2, as every mlx-llama4 subcommand
         print(f"mlx-llama4 convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("mlx-llama4 convert: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

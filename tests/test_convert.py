@@ -423,7 +423,7 @@ def test_cli_converts_from_hub_with_only_the_needed_files(hub_repo, maverick, tm
         cmd[cmd.index("org/tiny")] = "org/missing"
         result = subprocess.run(cmd[:-2] + [str(tmp_path / "out2")], env=env, capture_output=True, text=True,
                                 timeout=120)
-    assert result.returncode == 1 and "org/missing: not found on the Hugging Face Hub" in result.stderr
+    assert result.returncode == 2 and "org/missing: not found on the Hugging Face Hub" in result.stderr
     assert not (tmp_path / "out2").exists()
 
 
@@ -523,7 +523,7 @@ def test_shape_mismatch_and_unknown_architecture(sharded_copy, tmp_path):
     cfg_file.write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
     with pytest.raises(ConfigError, match="unknown architecture LlamaForCausalLM"):
         run_convert(sharded_copy, tmp_path / "out")
-    assert main(["--hf-path", str(sharded_copy), "--mlx-path", str(tmp_path / "out"), "--quiet"]) == 1
+    assert main(["--hf-path", str(sharded_copy), "--mlx-path", str(tmp_path / "out"), "--quiet"]) == 2
     _assert_no_output(tmp_path)
 
 
@@ -588,8 +588,8 @@ def test_cli_main(maverick, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--hf-path", str(maverick[1]), "--mlx-path", str(out), "-q", "--q-bits", "8", "--quiet"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
-    assert main(["--hf-path", str(maverick[1]), "--mlx-path", str(out), "--quiet"]) == 1
+    assert main(["--hf-path", str(maverick[1]), "--mlx-path", str(out), "--quiet"]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert main(["--hf-path", str(maverick[1]), "--mlx-path", str(tmp_path / "o2"), "-q", "--q-mode", "mxfp4",
-                 "--q-bits", "8", "--quiet"]) == 1
+                 "--q-bits", "8", "--quiet"]) == 2
     assert "mxfp4 quantization uses 4 bits" in capsys.readouterr().err
