@@ -88,12 +88,13 @@ class TextConfig:
         n_layers = _pos_int(d, "num_hidden_layers", where)
         n_heads = _pos_int(d, "num_attention_heads", where)
         hidden = _pos_int(d, "hidden_size", where)
-        n_kv = _pos_int(d, "num_key_value_heads", where, n_heads)
+        # Absent fields take transformers' Llama4TextConfig defaults (an explicit null: its fallback).
+        n_kv = _pos_int(d, "num_key_value_heads", where, 8) or n_heads
         if n_heads % n_kv:
             raise ConfigError(
                 f"{where}: num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({n_kv})"
             )
-        head_dim = _pos_int(d, "head_dim", where, None) or hidden // n_heads
+        head_dim = _pos_int(d, "head_dim", where, 128) or hidden // n_heads
         if head_dim % 2:
             raise ConfigError(f"{where}: head_dim must be even for RoPE, got {head_dim}")
 
@@ -103,7 +104,7 @@ class TextConfig:
         top_k = _pos_int(d, "num_experts_per_tok", where, 1)
         if top_k > n_experts:
             raise ConfigError(f"{where}: num_experts_per_tok ({top_k}) exceeds num_local_experts ({n_experts})")
-        chunk = _pos_int(d, "attention_chunk_size", where, None)
+        chunk = _pos_int(d, "attention_chunk_size", where, 8192)  # null: no chunking
         theta, scaling = _rope(d, where)
         eos = d.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -115,8 +116,7 @@ class TextConfig:
             num_key_value_heads=n_kv,
             head_dim=head_dim,
             intermediate_size=_pos_int(d, "intermediate_size", where),
-            intermediate_size_mlp=_pos_int(d, "intermediate_size_mlp", where, None)
-            or _pos_int(d, "intermediate_size", where),
+            intermediate_size_mlp=_pos_int(d, "intermediate_size_mlp", where, 16384),
             num_local_experts=n_experts,
             num_experts_per_tok=top_k,
             uses_rope=uses_rope,

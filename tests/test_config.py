@@ -70,16 +70,16 @@ def test_written_by_transformers(tmp_path):
 
 
 def test_absent_optional_fields_read_as_transformers_fills_them_in():
-    """A text config with only the required fields (and head_dim, intermediate_size_mlp, attention_chunk_size,
-    which published configs always carry) reads the same as transformers' Llama4TextConfig writes it out."""
+    """A text config with only the required fields reads the same as transformers' Llama4TextConfig writes it
+    out: every absent field takes transformers' default (head_dim 128, not hidden / heads; 8 KV heads; ...)."""
     from transformers import Llama4TextConfig
 
     minimal = dict(model_type="llama4_text", vocab_size=1024, hidden_size=64, num_hidden_layers=8,
-                   num_attention_heads=8, intermediate_size=32, head_dim=8, intermediate_size_mlp=64,
-                   attention_chunk_size=8192)
+                   num_attention_heads=8, intermediate_size=32)
     ours = ModelConfig.from_dict(minimal).text
     theirs = ModelConfig.from_dict(Llama4TextConfig(**minimal).to_dict()).text
-    for name in ("num_key_value_heads", "num_local_experts", "num_experts_per_tok", "uses_rope", "moe_layers",
+    for name in ("head_dim", "intermediate_size_mlp", "attention_chunk_size",
+                 "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "uses_rope", "moe_layers",
                  "use_qk_norm", "attn_temperature_tuning", "floor_scale", "attn_scale", "rms_norm_eps", "rope_theta",
                  "rope_scaling", "max_position_embeddings"):
         assert getattr(ours, name) == getattr(theirs, name), name
