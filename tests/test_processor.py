@@ -139,7 +139,7 @@ def test_text_part_boundaries(processor, meta):
 def test_no_double_bos(processor):
     rendered = processor.apply_chat_template(TEXT_DIALOGS["user"])
     assert rendered.startswith("<|begin_of_text|>")
-    # The tokenizer's own post-processor adds BOS (the pitfall of reference section 4.4) ...
+    # The tokenizer's own post-processor adds BOS (see docs/architecture.md, "Chat template and BOS") ...
     assert processor.tokenizer(rendered)["input_ids"][:2] == [BOS, BOS]
     # ... the processor does not.
     ids = ids_of(processor(text=rendered))
@@ -159,7 +159,7 @@ def test_reference_template_is_the_published_one():
 
 
 def test_rendered_examples(processor):
-    """The rendered examples of reference section 4.3."""
+    """Rendered examples of Meta's prompt format (llama_models/llama4/prompt_format.md)."""
     render = processor.apply_chat_template
     assert render([{"role": "user", "content": "Hi"}]) == (
         "<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>assistant<|header_end|>\n\n"
@@ -283,7 +283,7 @@ def test_multi_tile_layout(processor):
 
 
 def test_table_token_counts(processor):
-    """Prompt tokens per image for the table of reference section 3.1 (via a grey image of each size)."""
+    """Prompt tokens per image for the tiling table of docs/architecture.md ("Image tiling") (via a grey image of each size)."""
     for (width, height), prompt_tokens in {
         (200, 150): 147, (500, 500): 727, (640, 480): 727, (1024, 768): 1887, (1920, 1080): 2322,
         (300, 800): 582, (4000, 500): 1307, (100, 2000): 1017,

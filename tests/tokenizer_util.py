@@ -5,7 +5,7 @@ Meta ships the tokenizer as a tiktoken BPE file (``llama_models/llama4/tokenizer
 ``real_tokenizer_dir()`` rebuilds that conversion once per machine with transformers' ``TikTokenConverter``
 (about 10 s) and caches the folder, keyed by a hash of the inputs, so later test sessions reuse it.
 
-Pitfalls handled (reference section 5):
+Pitfalls handled (see docs/architecture.md, "Tokenizer"):
 - the O200K split pattern and the 2048 special-token names must be exactly Meta's, in id order, so that
   the special tokens get ids 200000..202047;
 - transformers 5's ``TikTokenConverter`` reads ``extra_special_tokens`` (``additional_special_tokens`` is
@@ -51,7 +51,7 @@ def meta_special_tokens() -> list[str]:
 
 
 def reference_chat_template() -> str:
-    """The Llama 4 chat template as transformers ships it (reference section 4.2)."""
+    """The Llama 4 chat template as transformers ships it (transformers' Llama 4 chat template)."""
     from transformers.models.llama4.processing_llama4 import chat_template
 
     return chat_template
