@@ -283,7 +283,7 @@ def test_multi_tile_layout(processor):
 
 
 def test_table_token_counts(processor):
-    """Prompt tokens per image for the tiling table of docs/architecture.md ("Image tiling") (via a grey image of each size)."""
+    """Prompt tokens per image, as in the examples of docs/architecture.md ("Image tokens"), via grey images."""
     for (width, height), prompt_tokens in {
         (200, 150): 147, (500, 500): 727, (640, 480): 727, (1024, 768): 1887, (1920, 1080): 2322,
         (300, 800): 582, (4000, 500): 1307, (100, 2000): 1017,
