@@ -109,6 +109,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .app.cli import main as app_main
 
         return app_main(argv[1:])
+    if argv and argv[0] == "serve":  # the HTTP server owns its flags
+        from .app.server.cli import main as serve_main
+
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="mlx-llama4", description="Llama 4 in MLX")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a reply to one prompt")
@@ -120,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_sampling(c)
     sub.add_parser("convert", help="convert a checkpoint to MLX (see mlx-llama4 convert --help)")
     sub.add_parser("app", help="local web chat with images (see mlx-llama4 app --help)")
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server (see mlx-llama4 serve --help)")
     args = parser.parse_args(argv)
     try:
         return _generate(args) if args.command == "generate" else _chat(args)
