@@ -1,4 +1,5 @@
-"""For the server tests: a fake engine with the real engine's API, and a server running in a thread.
+"""For the server tests: a fake engine with the real engine's API, a server running in a thread, and the
+demo model's questions (OpenAI parts for the server, Hugging Face parts for ``generate()``).
 
 ``FakeEngine`` answers deterministically without a model ("You said: <last user text>", one token per
 piece of the demo tokenizer) and honours what the HTTP layer relies on: ``max_tokens`` (capped at its small
@@ -9,8 +10,11 @@ on request (prompts containing ``FAIL`` / ``CRASH``). It records every submissio
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib
+import io
+import random
 import socket
 import sys
 import threading
@@ -20,12 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import mlx.core as mx
+import openai
+import pytest
 import uvicorn
 
 import mlx_llama4
+from mlx_llama4 import generate, load
 from mlx_llama4.processor import load_processor
 
 DEMO = Path(mlx_llama4.__file__).parent / "demo"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import shapes  # noqa: E402  (the pictures the demo model was trained on)
 
 
 @dataclass
@@ -204,3 +214,41 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> Non
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+# ---- the demo model's questions, for the end-to-end tests ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load("demo", dtype=mx.float32)
+
+
+def openai_client(url: str, key: str = "none", timeout: float = 300) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=timeout)
+
+
+def picture(seed: int, count=None):
+    """A picture of ``count`` (default: 1 to 3) coloured shapes, as the demo model was trained on."""
+    return shapes.random_scene(random.Random(seed), count=count).image
+
+
+def data_url(image) -> str:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def question(text: str, image=None) -> tuple[list[dict], list[dict]]:
+    """The same user turn for the server (OpenAI parts) and for ``generate()`` (Hugging Face parts)."""
+    if image is None:
+        return [{"role": "user", "content": text}], [{"role": "user", "content": text}]
+    return ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                          {"type": "text", "text": text}]}],
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}])
+
+
+def expected(demo_model, messages, max_tokens: int) -> str:
+    """The serial greedy reply: ``generate()`` on the one-sequence path."""
+    model, processor = demo_model
+    return generate(model, processor, messages, max_tokens=max_tokens, temperature=0.0)

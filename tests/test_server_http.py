@@ -27,6 +27,7 @@ from mlx_llama4.app.server.app import ServerSettings, create_app
 from mlx_llama4.app.server.engine_client import EngineClient
 from mlx_llama4.app.server.media import MediaPolicy
 from server_helpers import FakeEngine, ServerThread, engine_module, wait_until
+from server_helpers import openai_client as client
 
 USER = [{"role": "user", "content": "Who are you?"}]
 
@@ -56,10 +57,6 @@ def serve():
 @pytest.fixture
 def server(serve):
     return serve()
-
-
-def client(url, key="none"):
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
 def answers_normally(url, headers=None):
