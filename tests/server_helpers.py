@@ -109,6 +109,8 @@ class FakeHandle:
                 yield self._event(None, "", n, "cancelled")
                 return
             time.sleep(self.engine.delay)
+            while n == 1 and not self.engine.running_freely.wait(0.01) and not self.cancelled.is_set():
+                pass
             if self.crash and n == 2:
                 raise RuntimeError("fake engine crash\nTraceback (most recent call last): secret")
             if self.fail and n == 2:
@@ -133,12 +135,17 @@ class FakeHandle:
 
 
 class FakeEngine:
-    """The engine's API without a model; ``context`` tokens of context, ``delay`` seconds per token."""
+    """The engine's API without a model; ``context`` tokens of context, ``delay`` seconds per token. With
+    ``paused`` set, every generation holds its row before its second token until ``resume()``."""
 
-    def __init__(self, max_batch: int = 2, max_queue: int = 4, context: int = 512, delay: float = 0.0):
+    def __init__(self, max_batch: int = 2, max_queue: int = 4, context: int = 512, delay: float = 0.0,
+                 paused: bool = False):
         self.processor = load_processor(DEMO)
         self.end_token = self.processor.token_id("<|eot|>")
         self.max_batch, self.max_queue, self.context, self.delay = max_batch, max_queue, context, delay
+        self.running_freely = threading.Event()
+        if not paused:
+            self.running_freely.set()
         self.rows = threading.Semaphore(max_batch)
         self.lock = threading.Lock()
         self.running = self.queued = 0
@@ -178,6 +185,9 @@ class FakeEngine:
                             crash="CRASH" in last, fail="FAIL" in last)
         self.handles.append(handle)
         return handle
+
+    def resume(self) -> None:
+        self.running_freely.set()
 
     def stats(self) -> dict:
         with self.lock:

@@ -315,11 +315,12 @@ def test_oversized_bodies_get_413(serve):
 
 
 def test_a_full_queue_gets_429(serve):
-    url, fake = serve(FakeEngine(max_batch=1, max_queue=1, delay=0.02))
+    url, fake = serve(FakeEngine(max_batch=1, max_queue=1, paused=True))
     story = {"messages": [{"role": "user", "content": "a long story"}], "stream": True}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", url + CHAT, json=story) as running:
-            next(running.iter_lines())
+            lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
+            next(lines)
             wait_until(lambda: fake.stats()["running"] == 1, what="the first request to run")
             with http.stream("POST", url + CHAT, json=story) as waiting:
                 assert waiting.status_code == 200
@@ -327,6 +328,7 @@ def test_a_full_queue_gets_429(serve):
                 refused = http.post(url + CHAT, json=story)
                 assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
                 assert refused.json()["error"]["code"] == "queue_full"
+    fake.resume()
     wait_until(lambda: fake.stats()["running"] + fake.stats()["queued"] == 0, what="the rows to be freed")
     assert answers_normally(url)
 
@@ -341,7 +343,7 @@ def _cancelled_count(url) -> float:
 
 
 def test_a_client_leaving_mid_stream_frees_its_row(serve):
-    url, fake = serve(FakeEngine(delay=0.01))
+    url, fake = serve(FakeEngine(paused=True))  # each generation holds its row after one token
     with httpx.stream("POST", url + CHAT, json={"stream": True, "messages": [{"role": "user",
                                                                               "content": "a long story"}]}) as r:
         lines = r.iter_lines()
@@ -354,7 +356,7 @@ def test_a_client_leaving_mid_stream_frees_its_row(serve):
 
 
 def test_a_client_leaving_before_a_plain_reply_frees_its_row(serve):
-    url, fake = serve(FakeEngine(delay=0.01))
+    url, fake = serve(FakeEngine(paused=True))  # each generation holds its row after one token
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + CHAT, json={"messages": [{"role": "user", "content": "a long story"}]}, timeout=0.3)
     wait_until(lambda: fake.handles[-1].finish == "cancelled", what="the generation to be cancelled")

@@ -78,6 +78,11 @@ async def _events_or_error(generation: Generation, kind: str) -> AsyncIterator[A
         yield None
 
 
+def _envelope(head: dict, kind: str) -> dict:
+    """id, object, created, model: the fields every response and chunk starts with."""
+    return {"id": head["id"], "object": kind, **head}
+
+
 def _stream_error(message: str) -> str:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
@@ -155,7 +160,7 @@ async def chat_completions(request: Request):
         raise _failed(last)
     scored = [_chat_logprob(e, top, engine) for e in events if _scored(e, engine)] if top is not None else None
     return JSONResponse({
-        **head, "object": "chat.completion",
+        **_envelope(head, "chat.completion"),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
                      "logprobs": None if scored is None else {"content": scored, "refusal": None},
                      "finish_reason": last.finish_reason}],
@@ -167,7 +172,7 @@ async def _chat_chunks(generation: Generation, head: dict, top: Optional[int], i
     def chunk(delta: dict, finish: Optional[str] = None, logprobs: Optional[list] = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
                   "finish_reason": finish}
-        return sse({**head, "object": "chat.completion.chunk", "choices": [choice],
+        return sse({**_envelope(head, "chat.completion.chunk"), "choices": [choice],
                     **({"usage": None} if include_usage else {})})
 
     finished = False
@@ -185,7 +190,7 @@ async def _chat_chunks(generation: Generation, head: dict, top: Optional[int], i
                 finished = True
                 yield chunk({}, event.finish_reason)
                 if include_usage:
-                    yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(event)})
+                    yield sse({**_envelope(head, "chat.completion.chunk"), "choices": [], "usage": _usage(event)})
                 yield sse("[DONE]")
     finally:
         if not finished:  # the client left mid-stream: free the row
@@ -247,7 +252,7 @@ async def completions(request: Request):
         offsets = _TextOffsets(engine, len(echo))
         logprobs = offsets.merge([offsets.entry(e) for e in events if _scored(e, engine)])
     return JSONResponse({
-        **head, "object": "text_completion",
+        **_envelope(head, "text_completion"),
         "choices": [{"index": 0, "text": echo + "".join(e.text for e in events), "logprobs": logprobs,
                      "finish_reason": last.finish_reason}],
         "usage": _usage(last)})
@@ -257,7 +262,7 @@ async def _completion_chunks(generation: Generation, head: dict, echo: str, logp
                              include_usage: bool, engine: EngineClient) -> AsyncIterator[str]:
     def chunk(text: str, finish: Optional[str] = None, scored: Optional[dict] = None) -> str:
         choice = {"index": 0, "text": text, "logprobs": scored, "finish_reason": finish}
-        return sse({**head, "object": "text_completion", "choices": [choice],
+        return sse({**_envelope(head, "text_completion"), "choices": [choice],
                     **({"usage": None} if include_usage else {})})
 
     offsets = _TextOffsets(engine, len(echo))
@@ -277,7 +282,7 @@ async def _completion_chunks(generation: Generation, head: dict, echo: str, logp
                 finished = True
                 yield chunk("", event.finish_reason)
                 if include_usage:
-                    yield sse({**head, "object": "text_completion", "choices": [], "usage": _usage(event)})
+                    yield sse({**_envelope(head, "text_completion"), "choices": [], "usage": _usage(event)})
                 yield sse("[DONE]")
     finally:
         if not finished:

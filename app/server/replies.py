@@ -34,7 +34,8 @@ async def collect(generation: Generation, request: Request) -> list[Any]:
 
 def sse(data: Any) -> str:
     """One server-sent event: ``data: <JSON>`` (or the literal, for ``[DONE]``) and a blank line."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
