@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a row; more get 429 (default: 64)")
     p.add_argument("--prompt-cache-gb", type=float, default=2.0,
-                   help="memory for reusable prompt prefixes, in GB (default: 2; 0 turns it off)")
+                   help="memory for reusable prompt prefixes, in GB (default: 2)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
                    help="quantize the KV cache to these bits")
     p.add_argument("--kv-group-size", type=int, default=None, help="group size of KV quantization")
