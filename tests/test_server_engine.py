@@ -98,8 +98,9 @@ def test_concurrent_requests_give_the_serial_replies(demo, served):
 
 BAD = [
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "only n=1"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-                                                {"type": "text", "text": "x"}]}]}, 400, "image"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "x"}]}]},
+     400, "image"),
     ({"messages": [{"role": "user", "content": "red " * 5000}]}, 400, "context"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4o"}, 404, "gpt-4o"),

@@ -280,7 +280,8 @@ def test_engine_failures_become_500_without_a_traceback(server):
     with pytest.raises(openai.APIError, match="fake failure"):
         list(client(url).chat.completions.create(model="demo", stream=True,
                                                  messages=[{"role": "user", "content": "FAIL"}]))
-    with httpx.stream("POST", url + CHAT, json={"stream": True, "messages": [{"role": "user", "content": "CRASH"}]}) as r:
+    crash = {"stream": True, "messages": [{"role": "user", "content": "CRASH"}]}
+    with httpx.stream("POST", url + CHAT, json=crash) as r:
         raw = r.read().decode()
     assert '"error"' in raw and "secret" not in raw and "[DONE]" not in raw
     assert answers_normally(url)
@@ -554,4 +555,5 @@ def test_default_model_id(tmp_path):
     (tmp_path / "scout-4bit").mkdir()
     assert cli.default_model_id(str(tmp_path / "scout-4bit")) == "scout-4bit"
     assert cli.default_model_id("demo") == "demo"
-    assert cli.default_model_id("meta-llama/Llama-4-Scout-17B-16E-Instruct") == "meta-llama/Llama-4-Scout-17B-16E-Instruct"
+    hub_id = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
+    assert cli.default_model_id(hub_id) == hub_id

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -83,8 +83,38 @@ def _envelope(head: dict, kind: str) -> dict:
     return {"id": head["id"], "object": kind, **head}
 
 
-def _stream_error(message: str) -> str:
-    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+def _chunk(head: dict, kind: str, choices: list, include_usage: bool, usage: Optional[dict] = None) -> str:
+    """One streamed chunk; with ``include_usage`` every chunk has ``usage`` (null until the last one)."""
+    return sse({**_envelope(head, kind), "choices": choices, **({"usage": usage} if include_usage else {})})
+
+
+async def _stream(generation: Generation, head: dict, kind: str, include_usage: bool, opening: Optional[dict],
+                  choice: Callable[[Any], Optional[dict]], finish: Callable[[str], dict]) -> AsyncIterator[str]:
+    """The server-sent events of one generation: the ``opening`` choice, one chunk per event that has something
+    to send (``choice(event)``), the ``finish`` choice, the usage chunk if asked for, then ``data: [DONE]``.
+    An engine failure ends the stream with an error event instead; a client leaving cancels the generation."""
+    finished = False
+    try:
+        if opening is not None:
+            yield _chunk(head, kind, [opening], include_usage)
+        async for event in _events_or_error(generation, kind):
+            if event is None or event.finish_reason == "error":
+                finished = True
+                error = {"message": _failed(event).message, "type": "server_error", "param": None, "code": None}
+                yield sse({"error": error})
+                return
+            sent = choice(event)
+            if sent is not None:
+                yield _chunk(head, kind, [sent], include_usage)
+            if event.finish_reason:
+                finished = True
+                yield _chunk(head, kind, [finish(event.finish_reason)], include_usage)
+                if include_usage:
+                    yield _chunk(head, kind, [], include_usage, _usage(event))
+                yield sse("[DONE]")
+    finally:
+        if not finished:  # the client left mid-stream: free the row
+            generation.cancel()
 
 
 # ---- /v1/models ------------------------------------------------------------------------------------------------
@@ -152,7 +182,7 @@ async def chat_completions(request: Request):
     generation = await engine.submit(messages, _sampling(request, body, body.reply_limit, top))
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if body.stream:
-        return sse_response(_chat_chunks(generation, head, top, body.include_usage, engine))
+        return sse_response(_chat_stream(generation, head, top, body.include_usage, engine))
 
     events = await collect(generation, request)
     last = events[-1] if events else None
@@ -167,34 +197,18 @@ async def chat_completions(request: Request):
         "usage": _usage(last)})
 
 
-async def _chat_chunks(generation: Generation, head: dict, top: Optional[int], include_usage: bool,
-                       engine: EngineClient) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: Optional[str] = None, logprobs: Optional[list] = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
-                  "finish_reason": finish}
-        return sse({**_envelope(head, "chat.completion.chunk"), "choices": [choice],
-                    **({"usage": None} if include_usage else {})})
+def _chat_stream(generation: Generation, head: dict, top: Optional[int], include_usage: bool,
+                 engine: EngineClient) -> AsyncIterator[str]:
+    def choice(event: Any) -> Optional[dict]:
+        scored = [_chat_logprob(event, top, engine)] if top is not None and _scored(event, engine) else None
+        if not (event.text or scored):
+            return None
+        return {"index": 0, "delta": {"content": event.text},
+                "logprobs": None if scored is None else {"content": scored}, "finish_reason": None}
 
-    finished = False
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for event in _events_or_error(generation, "chat completion"):
-            if event is None or event.finish_reason == "error":
-                finished = True
-                yield _stream_error(_failed(event).message)
-                return
-            scored = [_chat_logprob(event, top, engine)] if top is not None and _scored(event, engine) else None
-            if event.text or scored:
-                yield chunk({"content": event.text}, logprobs=scored)
-            if event.finish_reason:
-                finished = True
-                yield chunk({}, event.finish_reason)
-                if include_usage:
-                    yield sse({**_envelope(head, "chat.completion.chunk"), "choices": [], "usage": _usage(event)})
-                yield sse("[DONE]")
-    finally:
-        if not finished:  # the client left mid-stream: free the row
-            generation.cancel()
+    opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    return _stream(generation, head, "chat.completion.chunk", include_usage, opening, choice,
+                   lambda reason: {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
 
 
 # ---- /v1/completions -------------------------------------------------------------------------------------------
@@ -241,7 +255,7 @@ async def completions(request: Request):
     generation = await engine.submit(ids, _sampling(request, body, body.reply_limit, body.logprobs))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if body.stream:
-        return sse_response(_completion_chunks(generation, head, echo, body.logprobs, body.include_usage, engine))
+        return sse_response(_completion_stream(generation, head, echo, body.logprobs, body.include_usage, engine))
 
     events = await collect(generation, request)
     last = events[-1] if events else None
@@ -258,32 +272,16 @@ async def completions(request: Request):
         "usage": _usage(last)})
 
 
-async def _completion_chunks(generation: Generation, head: dict, echo: str, logprobs: Optional[int],
-                             include_usage: bool, engine: EngineClient) -> AsyncIterator[str]:
-    def chunk(text: str, finish: Optional[str] = None, scored: Optional[dict] = None) -> str:
-        choice = {"index": 0, "text": text, "logprobs": scored, "finish_reason": finish}
-        return sse({**_envelope(head, "text_completion"), "choices": [choice],
-                    **({"usage": None} if include_usage else {})})
-
+def _completion_stream(generation: Generation, head: dict, echo: str, logprobs: Optional[int],
+                       include_usage: bool, engine: EngineClient) -> AsyncIterator[str]:
     offsets = _TextOffsets(engine, len(echo))
-    finished = False
-    try:
-        if echo:
-            yield chunk(echo)
-        async for event in _events_or_error(generation, "completion"):
-            if event is None or event.finish_reason == "error":
-                finished = True
-                yield _stream_error(_failed(event).message)
-                return
-            scored = offsets.entry(event) if logprobs is not None and _scored(event, engine) else None
-            if event.text or scored:
-                yield chunk(event.text, scored=scored)
-            if event.finish_reason:
-                finished = True
-                yield chunk("", event.finish_reason)
-                if include_usage:
-                    yield sse({**_envelope(head, "text_completion"), "choices": [], "usage": _usage(event)})
-                yield sse("[DONE]")
-    finally:
-        if not finished:
-            generation.cancel()
+
+    def choice(event: Any) -> Optional[dict]:
+        scored = offsets.entry(event) if logprobs is not None and _scored(event, engine) else None
+        if not (event.text or scored):
+            return None
+        return {"index": 0, "text": event.text, "logprobs": scored, "finish_reason": None}
+
+    opening = {"index": 0, "text": echo, "logprobs": None, "finish_reason": None} if echo else None
+    return _stream(generation, head, "text_completion", include_usage, opening, choice,
+                   lambda reason: {"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
