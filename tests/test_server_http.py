@@ -449,10 +449,16 @@ class _ImageSite(BaseHTTPRequestHandler):
         pass
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a download the server under test aborted on purpose
+        pass
+
+
 @pytest.fixture(scope="module")
 def image_site():
-    site = ThreadingHTTPServer(("127.0.0.1", 0), _ImageSite)
-    site.daemon_threads = True
+    site = _QuietServer(("127.0.0.1", 0), _ImageSite)
     threading.Thread(target=site.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{site.server_address[1]}"
     site.shutdown()

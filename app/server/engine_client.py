@@ -126,15 +126,23 @@ class EngineClient:
         if self._closed:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         submitted = time.perf_counter()
-        kwargs = {**asdict(sampling), "stop": tuple(sampling.stop)}
+        handles = []  # kept here: if the request is cancelled (shutdown) while submit runs, its handle is too
+
+        def call() -> None:
+            handles.append(self._engine.submit(prompt, **asdict(sampling)))
+
         try:  # tokenizing and preparing images takes a moment: off the event loop
-            handle = await anyio.to_thread.run_sync(functools.partial(self._engine.submit, prompt, **kwargs))
+            await anyio.to_thread.run_sync(call)
+        except anyio.get_cancelled_exc_class():
+            for handle in handles:
+                handle.cancel()
+            raise
         except EngineFull:
             raise APIError(429, "the server is busy: its queue of waiting requests is full; retry shortly",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except ValueError as e:  # bad image, prompt longer than the context, bad sampling value
             raise APIError(400, str(e)) from None
-        return Generation(handle, self.metrics, submitted)
+        return Generation(handles[0], self.metrics, submitted)
 
     def stats(self) -> dict:
         return self._engine.stats()

@@ -111,9 +111,9 @@ async def _download(url: str, policy: MediaPolicy) -> bytes:
                     continue
                 if response.status != 200:
                     raise MediaError(f"{_short(url)} answered HTTP {response.status}")
-                if int(fields.get("content-length") or 0) > policy.max_bytes:
-                    raise MediaError(f"{_short(url)} is {fields['content-length']} bytes, above the limit of "
-                                     f"{policy.max_bytes} bytes")
+                declared = fields.get("content-length", "")
+                if declared.isdigit() and int(declared) > policy.max_bytes:
+                    raise MediaError(f"{_short(url)} is {declared} bytes, above the limit of {policy.max_bytes} bytes")
                 data = bytearray()
                 async for chunk in response.aiter_stream():
                     data += chunk
