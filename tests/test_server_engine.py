@@ -118,8 +118,9 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(demo, served):
 
 def test_max_tokens_past_the_context_ends_with_length(served):
     url, engine = served
-    prompt = "red " * 2045  # about 4090 tokens of the demo's 4096 after the BOS
+    prompt = "red " * 4088  # 4091 tokens (with BOS) of the demo's 4096
     out = openai_client(url).completions.create(model="demo", prompt=prompt, max_tokens=100_000, temperature=0.0)
+    assert out.usage.prompt_tokens == 4091
     assert out.usage.prompt_tokens + out.usage.completion_tokens <= 4096
     assert out.choices[0].finish_reason in ("length", "stop")
 
