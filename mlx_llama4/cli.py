@@ -144,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     _add_sampling(c)
     sub.add_parser("convert", help="convert a checkpoint to MLX (see mlx-llama4 convert --help)")
     sub.add_parser("app", help="local web chat with images (see mlx-llama4 app --help)")
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server (see mlx-llama4 serve --help)")
     return p
 
 
@@ -157,6 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .app.cli import main as app_main
 
         return app_main(argv[1:])
+    if argv and argv[0] == "serve":  # the HTTP server owns its flags
+        from .app.server.cli import main as serve_main
+
+        return serve_main(argv[1:])
     args = parser().parse_args(argv)  # a usage error exits with 2
     try:
         return _generate(args) if args.command == "generate" else _chat(args)
