@@ -53,6 +53,7 @@ class _Sequence:
     embeddings: Optional[mx.array] = None  # (L - cached, D) when the rest of the prompt holds images
     generated: list[int] = field(default_factory=list)
     first_token_at: Optional[float] = None
+    final: Optional[Event] = None  # its last event, sent once its row is freed
 
     def fed_keys(self) -> np.ndarray:
         """Keys of the positions its cache holds: the prompt and every sampled token but the last."""
@@ -76,6 +77,9 @@ class Engine:
         if kv_bits is not None and (kv_group_size not in KV_GROUP_SIZES or head_dim % kv_group_size):
             raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES} and divide the head size {head_dim}, "
                              f"got {kv_group_size}")
+        # MLX runs a lazy array on the stream of the thread that built it: materialize every array of the model,
+        # the private ones computed at construction (RoPE tables) included, before the device thread runs it.
+        mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
         self.model = model
         self.processor = processor
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
@@ -204,7 +208,7 @@ class Engine:
             self._finish(seq, Event(seq.text.finish(), None, "cancelled", **self._usage(seq)))
         cancelled = [s for s in self._running if s.handle.cancelled]
         for seq in cancelled:
-            seq.handle._put(Event(seq.text.finish(), None, "cancelled", **self._usage(seq)))
+            seq.final = Event(seq.text.finish(), None, "cancelled", **self._usage(seq))
         self._retire(cancelled)
 
     def _prefill_piece(self, seq: _Sequence) -> None:
@@ -230,7 +234,7 @@ class Engine:
             caches, seq.caches = seq.caches, None
             if self._sample([seq], logits[:, -1, :]):  # finished at its first token
                 self._store(seq, caches)
-                self._finish(seq, None)
+                self._finish(seq, seq.final)
                 return
             self._store(seq, caches)  # the prompt's KV, for requests that share it (the batch copies it)
             self._batch.add(caches)
@@ -259,14 +263,15 @@ class Engine:
         except Exception as e:
             log.exception("decode step failed")
             for seq in rows:
-                seq.handle._put(Event("", None, "error", error=f"{type(e).__name__}: {e}", **self._usage(seq)))
+                seq.final = Event("", None, "error", error=f"{type(e).__name__}: {e}", **self._usage(seq))
             self._retire(list(rows), store=False)  # the batch's KV may be half updated
             return
         self._retire(finished)
 
     def _sample(self, seqs: list[_Sequence], logits: mx.array) -> list[_Sequence]:
         """Choose each row's next token from ``logits`` (B, V) and send its event; returns the rows that
-        finished. A row whose own logits processor fails ends with "error", the others go on."""
+        finished, their last event kept in ``final``. A row whose own logits processor fails ends with "error",
+        the others go on."""
         choices: list[Choice | Exception] = []
         for b, seq in enumerate(seqs):
             try:
@@ -278,10 +283,9 @@ class Engine:
         finished = []
         now = time.perf_counter()
         for seq, choice in zip(seqs, choices):
-            finished.append(seq)
             if isinstance(choice, Exception):
-                seq.handle._put(Event("", None, "error", error=f"{type(choice).__name__}: {choice}",
-                                      **self._usage(seq)))
+                seq.final = Event("", None, "error", error=f"{type(choice).__name__}: {choice}", **self._usage(seq))
+                finished.append(seq)
                 continue
             token = choice.token.item()
             seq.sampler.accept(token)
@@ -301,9 +305,12 @@ class Engine:
                 logprob = choice.logprob.item()
             if choice.top_tokens is not None:
                 top = sorted(zip(choice.top_tokens[0].tolist(), choice.top_logprobs[0].tolist()), key=lambda t: -t[1])
-            seq.handle._put(Event(text, token, reason, logprob, top, **self._usage(seq)))
+            event = Event(text, token, reason, logprob, top, **self._usage(seq))
             if reason is None:
-                finished.pop()
+                seq.handle._put(event)
+            else:
+                seq.final = event
+                finished.append(seq)
         return finished
 
     def _retire(self, seqs: list[_Sequence], store: bool = True) -> None:
@@ -318,17 +325,15 @@ class Engine:
         self._batch.filter(keep)
         self._running = [self._running[r] for r in keep]
         for seq in seqs:
-            self._finish(seq, None)
+            self._finish(seq, seq.final)
 
     def _store(self, seq: _Sequence, caches: list[Any]) -> None:
         if self._prefix is not None:
             mx.eval([c.state for c in caches])
             self._prefix.insert(seq.fed_keys(), caches)
 
-    def _finish(self, seq: _Sequence, event: Optional[Event]) -> None:
-        """Count a request out; ``event`` is its final event if not sent yet."""
-        if event is not None:
-            seq.handle._put(event)
+    def _finish(self, seq: _Sequence, event: Event) -> None:
+        """Count a request out, then send its final event."""
         t = self._totals
         t["requests"] += 1
         t["prompt_tokens"] += len(seq.prompt)
@@ -336,6 +341,7 @@ class Engine:
         t["generated_tokens"] += len(seq.generated)
         with self._lock:
             self._in_flight -= 1
+        seq.handle._put(event)
 
     def _usage(self, seq: _Sequence) -> dict:
         ttft = None if seq.first_token_at is None else seq.first_token_at - seq.submitted
