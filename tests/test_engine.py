@@ -119,6 +119,33 @@ def test_kv_quantized_batching_equals_serial(tmp_path):
         assert [_tokens(h) for h in handles] == expected
 
 
+def test_a_long_prompt_is_prefilled_between_decode_steps(tiny):
+    """A new request's prompt goes in pieces of prefill_step tokens, one per decode step of the running rows."""
+    model, processor = tiny
+    log, submitted = [], threading.Event()
+
+    def short(tokens, logits):
+        log.append("short")
+        if log.count("short") == 3:
+            submitted.wait(timeout=120)  # the long prompt arrives while this row is decoding
+        return logits
+
+    def long(tokens, logits):
+        log.append("long")
+        return logits
+
+    long_prompt = "Read this carefully. " + "word " * 190
+    with Engine(model, processor, prefill_step=8) as engine:
+        running = engine.submit("Keep talking.", max_tokens=60, temperature=0.0, logits_processors=[short])
+        log.append("submitted")
+        late = engine.submit(long_prompt, max_tokens=2, logits_processors=[long])
+        submitted.set()
+        list(running), list(late)
+    pieces = -(-(len(processor(messages=long_prompt)["input_ids"][0]) - 1) // 8)
+    assert pieces > 20
+    assert log[log.index("submitted") : log.index("long")].count("short") >= pieces - 1
+
+
 def test_follow_up_turn_reuses_the_prefix(tiny):
     model, processor = tiny
     turn = _image_turn("Hello there! What is in this picture, and what colour is it?")

@@ -35,7 +35,7 @@ class BatchKV(_BaseCache):
         self.window = window
         self.keys: Any = None  # (B, KV, S, Dh); quantized: a (packed, scales, biases) triple
         self.values: Any = None
-        self.offset = mx.zeros((0,), mx.int32)  # (B,) each row's next position
+        self.offset = mx.array([], mx.int32)  # (B,) each row's next position
         self.positions: list[int] = []  # the same, on the host
 
     def _encode(self, x: mx.array) -> Any:
@@ -99,7 +99,7 @@ class BatchKV(_BaseCache):
         self.positions = [self.positions[r] for r in rows]
         if not rows:
             self.keys = self.values = None
-            self.offset = mx.zeros((0,), mx.int32)
+            self.offset = mx.array([], mx.int32)
             return
         slots = min(self._slots(), self._capacity(max(self._held(p) for p in self.positions)))
         index = mx.array(rows, dtype=mx.int32)

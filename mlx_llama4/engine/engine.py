@@ -44,9 +44,9 @@ class _Sequence:
     prompt: Prompt
     params: SamplingParams
     max_tokens: int  # params.max_tokens, or less where the context ends first
-    sampler: RowSampler
     text: TextStream
     submitted: float
+    sampler: Optional[RowSampler] = None  # made on the device thread, when its prefill starts
     caches: Optional[list[Any]] = None  # one-sequence caches while prefilling
     cached: int = 0  # prompt positions restored from the prefix cache
     fed: int = 0  # prompt positions fed so far
@@ -127,7 +127,7 @@ class Engine:
             handle = Handle(self._next_id, self._wake)
             self._next_id += 1
             self._waiting.append(_Sequence(
-                handle, prepared, params, min(params.max_tokens, room), RowSampler(params, prepared.ids),
+                handle, prepared, params, min(params.max_tokens, room),
                 TextStream(self.processor.tokenizer, self._special, params.stop), time.perf_counter(),
             ))
             self._in_flight += 1
@@ -246,6 +246,7 @@ class Engine:
 
     def _start_prefill(self, seq: _Sequence) -> None:
         prompt = seq.prompt
+        seq.sampler = RowSampler(seq.params, prompt.ids)
         start, caches = self._prefix.fetch(prompt.keys, prompt.image_spans) if self._prefix else (0, None)
         seq.caches = caches if caches is not None else self.model.make_cache()
         seq.cached = seq.fed = start

@@ -60,6 +60,8 @@ def prepare_prompt(model: Model, processor: Any, prompt: str | Sequence[dict] | 
         inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt),
                            images=list(images) if images else None)
         ids, pixels, grids = np.asarray(inputs["input_ids"])[0], inputs["pixel_values"], inputs["grids"]
+        if grids and cfg.vision is None:
+            raise ValueError("the prompt has images, but this checkpoint is text-only (no vision_config)")
     limit = cfg.text.max_position_embeddings
     if len(ids) >= limit:
         raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {limit} positions "
