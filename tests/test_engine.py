@@ -104,6 +104,22 @@ def test_runs_a_model_fresh_from_load(tmp_path):
     assert events[-1].finish_reason in ("stop", "length") and events[-1].error is None
 
 
+def test_process_exits_cleanly_after_the_engine(tmp_path):
+    """MLX work on a thread of its own could abort the process at exit ("terminate called without an active
+    exception") unless that thread lets its streams go before it ends. Not always: three runs."""
+    import subprocess
+    import sys
+
+    _checkpoint(tmp_path, {}, seed=3)
+    script = ("import sys, mlx.core as mx; from mlx_llama4 import load; from mlx_llama4.engine import Engine; "
+              "m, p = load(sys.argv[1], dtype=mx.float32); e = Engine(m, p); "
+              "print(e.submit('Hi', max_tokens=4, temperature=0.7).result() is not None); e.close()")
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr[-2000:]
+
+
 def test_kv_quantized_batching_equals_serial(tmp_path):
     """With kv_bits=8 every layer's KV is quantized in the batch too; tokens equal serial generation with the
     same kv_bits. (No prefix cache here: serial mlx-lm generation attends its first prefill piece over float

@@ -10,6 +10,7 @@ MLX operation runs on the engine's thread.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -101,6 +102,7 @@ class Engine:
         self._totals = dict(requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
         self._thread = threading.Thread(target=self._loop, name="mlx-llama4-engine", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # its arrays must be freed on its thread before the process exits
 
     # ---- the caller's side -----------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class Engine:
             self._closed = True
             self._lock.notify()
         self._thread.join()
+        atexit.unregister(self.close)
 
     def __enter__(self) -> "Engine":
         return self
@@ -186,6 +189,15 @@ class Engine:
             self._shut_down("error", f"engine failure: {e}")
         else:
             self._shut_down("cancelled", None)
+        # Free what this thread computed and let its stream finish while the thread still runs: otherwise MLX
+        # (0.32, thread-local streams) may abort the process at exit ("terminate called without an active
+        # exception").
+        self._batch.filter([])
+        if self._prefix is not None:
+            self._prefix.clear()
+        mx.synchronize()
+        mx.clear_streams()
+        mx.clear_cache()
 
     def _shut_down(self, reason: str, error: Optional[str]) -> None:
         with self._lock:

@@ -86,6 +86,10 @@ class PrefixCache:
         while self.nbytes > self.max_bytes:
             self._remove(next(iter(self._entries)))
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
     def _remove(self, entry_id: int) -> None:
         entry = self._entries.pop(entry_id)
         self.nbytes -= sum(c.nbytes for c in entry.layers)
