@@ -335,6 +335,18 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
     assert other_seed != alone
 
 
+def test_sampling_parameters_act_as_in_serial_generation(tiny):
+    model, processor = tiny
+    prompt = "Repeat after me: la la la la la."
+    with Engine(model, processor, max_batch=4) as engine:
+        top_k = engine.submit(prompt, max_tokens=30, temperature=1.0, top_k=1)  # only the argmax survives
+        top_p = engine.submit(prompt, max_tokens=30, temperature=1.5, top_p=1e-6)
+        penalty = engine.submit(prompt, max_tokens=30, temperature=0.0, repetition_penalty=3.0)
+        greedy = _serial(model, processor, prompt, max_tokens=30)
+        assert _tokens(top_k) == _tokens(top_p) == greedy
+        assert _tokens(penalty) == _serial(model, processor, prompt, max_tokens=30, repetition_penalty=3.0) != greedy
+
+
 def test_stop_string_split_across_tokens(tiny):
     model, processor = tiny
     prompt = "Tell me a story about the sea."
