@@ -294,37 +294,38 @@ class Engine:
                 choices.append(e)
         mx.eval([c.arrays() for c in choices if isinstance(c, Choice)])
         finished = []
-        now = time.perf_counter()
         for seq, choice in zip(seqs, choices):
             if isinstance(choice, Exception):
-                seq.final = Event("", None, "error", error=f"{type(choice).__name__}: {choice}", **self._usage(seq))
-                finished.append(seq)
-                continue
-            token = choice.token.item()
-            seq.sampler.accept(token)
-            seq.generated.append(token)
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            if token in self._stop_tokens:
-                text, reason = seq.text.finish(), "stop"
+                event = Event("", None, "error", error=f"{type(choice).__name__}: {choice}", **self._usage(seq))
             else:
-                text = seq.text.add(token)
-                reason = "stop" if seq.text.stopped else None
-                if reason is None and len(seq.generated) >= seq.max_tokens:
-                    text += seq.text.finish()
-                    reason = "stop" if seq.text.stopped else "length"
-            logprob, top = None, None
-            if choice.logprob is not None:
-                logprob = choice.logprob.item()
-            if choice.top_tokens is not None:
-                top = sorted(zip(choice.top_tokens[0].tolist(), choice.top_logprobs[0].tolist()), key=lambda t: -t[1])
-            event = Event(text, token, reason, logprob, top, **self._usage(seq))
-            if reason is None:
+                event = self._advance(seq, choice)
+            if event.finish_reason is None:
                 seq.handle._put(event)
             else:
                 seq.final = event
                 finished.append(seq)
         return finished
+
+    def _advance(self, seq: _Sequence, choice: Choice) -> Event:
+        """Take the chosen token into ``seq``: its event, final if it ends the reply."""
+        token = choice.token.item()
+        seq.sampler.accept(token)
+        seq.generated.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if token in self._stop_tokens:
+            text, reason = seq.text.finish(), "stop"
+        else:
+            text = seq.text.add(token)
+            reason = "stop" if seq.text.stopped else None
+            if reason is None and len(seq.generated) >= seq.max_tokens:
+                text += seq.text.finish()
+                reason = "stop" if seq.text.stopped else "length"
+        logprob = None if choice.logprob is None else choice.logprob.item()
+        top = None
+        if choice.top_tokens is not None:
+            top = sorted(zip(choice.top_tokens[0].tolist(), choice.top_logprobs[0].tolist()), key=lambda t: -t[1])
+        return Event(text, token, reason, logprob, top, **self._usage(seq))
 
     def _retire(self, seqs: list[_Sequence], store: bool = True) -> None:
         """Take finished rows out of the batch, their KV to the prefix cache first."""
