@@ -60,7 +60,7 @@ class Attention(nn.Module):
         elif self.temperature_tuning:
             q = (q.astype(mx.float32) * self._temperature(offset, L)).astype(q.dtype)
         if isinstance(offset, mx.array):
-            mask = cache.make_mask(L)  # (B, 1, L, S): each row's live slots
+            mask = cache.make_mask(L)  # (B, 1, 1, S): the slots each row attends to
         else:
             # Steps never cross a chunk boundary, so a causal mask (aligned to the last key) is all a layer needs.
             mask = "causal" if L > 1 else None
