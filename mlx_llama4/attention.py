@@ -37,17 +37,21 @@ class Attention(nn.Module):
         if self.uses_rope:
             self.rope = TextRoPE(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-    def _temperature(self, offset: int, length: int) -> mx.array:
-        """``1 + attn_scale * ln(floor((p + 1) / floor_scale) + 1)`` for absolute positions p; shape (L, 1)."""
-        pos = mx.arange(offset, offset + length, dtype=mx.float32)
-        return (1.0 + self.attn_scale * mx.log(mx.floor((pos + 1.0) / self.floor_scale) + 1.0))[:, None]
+    def _temperature(self, offset: int | mx.array, length: int) -> mx.array:
+        """``1 + attn_scale * ln(floor((p + 1) / floor_scale) + 1)`` for absolute positions p; shape (L, 1),
+        or (B, 1, L, 1) for per-row offsets (B,)."""
+        if isinstance(offset, mx.array):
+            pos = offset.astype(mx.float32)[:, None, None, None] + mx.arange(length, dtype=mx.float32)[:, None]
+        else:
+            pos = mx.arange(offset, offset + length, dtype=mx.float32)[:, None]
+        return 1.0 + self.attn_scale * mx.log(mx.floor((pos + 1.0) / self.floor_scale) + 1.0)
 
     def __call__(self, x: mx.array, cache: Any) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, Dh)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, KV, L, Dh)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        offset = cache.offset
+        offset = cache.offset  # an int; a batch cache (mlx_llama4.engine) gives each row's position, (B,)
         if self.uses_rope:
             q, k = self.rope(q, offset), self.rope(k, offset)
             if self.use_qk_norm:
@@ -55,8 +59,11 @@ class Attention(nn.Module):
                 k = mx.fast.rms_norm(k, None, self.eps)
         elif self.temperature_tuning:
             q = (q.astype(mx.float32) * self._temperature(offset, L)).astype(q.dtype)
-        # Steps never cross a chunk boundary, so a causal mask (aligned to the last key) is all any layer needs.
+        if isinstance(offset, mx.array):
+            mask = cache.make_mask(L)  # (B, 1, 1, S): the slots each row attends to
+        else:
+            # Steps never cross a chunk boundary, so a causal mask (aligned to the last key) is all a layer needs.
+            mask = "causal" if L > 1 else None
         k, v = cache.update_and_fetch(k, v)
-        mask = "causal" if L > 1 else None
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)  # float or quantized KV
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

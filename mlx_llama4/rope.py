@@ -40,8 +40,8 @@ class TextRoPE(nn.Module):
         # mx.fast.rope takes periods (angle = position / freq), the reciprocal of inv_freq.
         self._periods = 1.0 / inv_freq
 
-    def __call__(self, x: mx.array, offset: int) -> mx.array:
-        # x: (B, H, L, Dh); positions offset .. offset + L - 1
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        # x: (B, H, L, Dh); positions offset .. offset + L - 1, offset an int or one per row (B,)
         return mx.fast.rope(
             x, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset, freqs=self._periods
         )

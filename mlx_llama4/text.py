@@ -75,7 +75,7 @@ class LanguageModel(nn.Module):
 
     def _steps(self, offset: int, length: int) -> list[tuple[int, int]]:
         chunk = self.config.attention_chunk_size
-        if not chunk:
+        if not chunk or length == 1:  # one token never crosses a boundary (a batch cache's offset is per row)
             return [(0, length)]
         bounds, start = [], 0
         while start < length:

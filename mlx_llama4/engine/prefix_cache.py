@@ -1,0 +1,95 @@
+"""A prefix cache shared by all requests: a size-bounded LRU of one-sequence KV caches keyed by what they hold.
+
+An entry is a ``PromptCache`` (per-layer caches and one key per position: the token id, or for an image's
+``<|patch|>`` rows a key from the image's pixels). A new prompt takes the entry that restores the longest
+prefix of it, by ``PromptCache.reuse``'s rule: exact or refused, never wrong, backing up to an image's start
+and, where the chunked layers have already dropped what the reuse needs, to a chunk boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Optional
+
+import numpy as np
+from mlx.utils import tree_map
+
+from ..cache import ChunkCache, can_trim_cache
+from ..generation import PromptCache
+from ..model import Model
+
+
+def _detached(cache: Any) -> Any:
+    """A copy of a one-sequence cache whose arrays are new objects. Caches write into their buffers in place
+    (``buffer[..., a:b, :] = x``), which must never reach the entry the copy came from."""
+    out = copy.copy(cache)
+    if isinstance(cache, ChunkCache):
+        out.keys, out.values = cache.state[:2]  # the live slots, sliced
+    else:
+        out.keys, out.values = tree_map(lambda a: a[..., : cache.offset, :], (cache.keys, cache.values))
+    return out
+
+
+class PrefixCache:
+    """LRU of prompt caches, at most ``max_bytes`` of KV in all."""
+
+    def __init__(self, model: Model, max_bytes: int):
+        self._model = model
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, PromptCache] = OrderedDict()  # least recently used first
+        self._next_id = 0
+        self.nbytes = 0
+        self.hits = 0
+        self.hit_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def fetch(self, keys: np.ndarray, image_spans: list[tuple[int, int]]) -> tuple[int, Optional[list[Any]]]:
+        """``(n, caches)``: new per-layer caches holding the first ``n`` positions of ``keys`` (never all of
+        them: one is left to feed), or ``(0, None)`` when no entry helps."""
+        best, best_id, best_trial = 0, None, None
+        for entry_id, entry in self._entries.items():
+            trial = copy.copy(entry)  # reuse() trims the layers it holds: give it shallow copies
+            trial.layers = [copy.copy(c) for c in entry.layers]
+            n = trial.reuse(keys, image_spans)
+            if n > best:
+                best, best_id, best_trial = n, entry_id, trial
+        if best_trial is None:
+            return 0, None
+        self._entries.move_to_end(best_id)
+        self.hits += 1
+        self.hit_tokens += best
+        return best, [_detached(c) for c in best_trial.layers]
+
+    def insert(self, keys: np.ndarray, caches: list[Any]) -> None:
+        """Keep ``caches`` (evaluated, not written to afterwards), which hold ``keys``. Entries that this one
+        restores exactly are dropped; the least recently used go while the total is over budget."""
+        size = sum(c.nbytes for c in caches)
+        offset = caches[0].offset
+        if size > self.max_bytes or offset == 0:
+            return
+        keys = np.asarray(keys[:offset], np.int64)
+        for entry_id, entry in list(self._entries.items()):
+            n = len(entry.keys)
+            if n <= offset and np.array_equal(entry.keys, keys[:n]) and can_trim_cache(caches, offset - n):
+                self._remove(entry_id)  # a prefix of this one, restorable from it
+            elif n >= offset and np.array_equal(entry.keys[:offset], keys) and can_trim_cache(entry.layers, n - offset):
+                self._entries.move_to_end(entry_id)  # this one is a restorable prefix of it
+                return
+        entry = PromptCache(self._model)
+        entry.layers, entry.keys = list(caches), keys
+        self._entries[self._next_id] = entry
+        self._next_id += 1
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def _remove(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id)
+        self.nbytes -= sum(c.nbytes for c in entry.layers)
