@@ -11,15 +11,12 @@ on request (prompts containing ``FAIL`` / ``CRASH``). It records every submissio
 from __future__ import annotations
 
 import base64
-import contextlib
-import importlib
 import io
 import random
 import socket
 import sys
 import threading
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +28,7 @@ import uvicorn
 
 import mlx_llama4
 from mlx_llama4 import generate, load
+from mlx_llama4.engine import EngineFull
 from mlx_llama4.processor import load_processor
 
 DEMO = Path(mlx_llama4.__file__).parent / "demo"
@@ -49,26 +47,6 @@ class FakeEvent:
     cached_tokens: int
     completion_tokens: int
     error: Optional[str] = None
-
-
-@contextlib.contextmanager
-def engine_module():
-    """``mlx_llama4.engine`` for the fake engine's ``EngineFull``; until the real engine is merged, a stand-in
-    module holding only that exception (removed afterwards, so the end-to-end tests still see no engine)."""
-    try:
-        real = importlib.import_module("mlx_llama4.engine")
-    except ImportError:
-        real = None
-    if real is not None:
-        yield real
-        return
-    stub = types.ModuleType("mlx_llama4.engine")
-    stub.EngineFull = type("EngineFull", (Exception,), {})
-    sys.modules["mlx_llama4.engine"] = stub
-    try:
-        yield stub
-    finally:
-        del sys.modules["mlx_llama4.engine"]
 
 
 class FakeHandle:
@@ -155,11 +133,12 @@ class FakeEngine:
 
     def submit(self, prompt, images=None, max_tokens=256, temperature=None, top_p=None, top_k=None, min_p=0.0,
                repetition_penalty=None, presence_penalty=0.0, frequency_penalty=0.0, stop=(), seed=None,
-               logprobs=None) -> FakeHandle:
+               logprobs=False, top_logprobs=0) -> FakeHandle:
         call = dict(prompt=prompt, images=images, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, stop=stop, seed=seed,
-                    logprobs=logprobs)
+                    logprobs=logprobs, top_logprobs=top_logprobs)
+        logprobs = top_logprobs if logprobs else None  # how many alternatives to report, as the fake handle takes it
         if temperature is not None and temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -177,7 +156,7 @@ class FakeEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {self.context} positions")
         with self.lock:
             if self.queued >= self.max_queue:
-                raise sys.modules["mlx_llama4.engine"].EngineFull(f"{self.queued} requests are waiting")
+                raise EngineFull(f"{self.queued} requests are waiting")
             self.queued += 1
         self.submitted.append(call)
         reply = "la " * 300 if "long story" in last else f"You said: {last}"

@@ -26,16 +26,10 @@ from mlx_llama4.app.server import cli
 from mlx_llama4.app.server.app import ServerSettings, create_app
 from mlx_llama4.app.server.engine_client import EngineClient
 from mlx_llama4.app.server.media import MediaPolicy
-from server_helpers import FakeEngine, ServerThread, engine_module, wait_until
+from server_helpers import FakeEngine, ServerThread, wait_until
 from server_helpers import openai_client as client
 
 USER = [{"role": "user", "content": "Who are you?"}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _engine_module():
-    with engine_module():
-        yield
 
 
 @pytest.fixture
@@ -140,12 +134,13 @@ def test_sampling_fields_reach_the_engine(server):
     call = fake.submitted[-1]
     assert call["prompt"][0] == {"role": "system", "content": "Be brief."}
     assert {k: call[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                 "presence_penalty", "frequency_penalty", "stop", "seed", "logprobs")} == dict(
+                                 "presence_penalty", "frequency_penalty", "stop", "seed", "logprobs",
+                                 "top_logprobs")} == dict(
         max_tokens=7, temperature=0.3, top_p=0.9, top_k=0, min_p=0.05, repetition_penalty=1.1,
-        presence_penalty=0.5, frequency_penalty=-0.5, stop=("zzz",), seed=11, logprobs=2)
+        presence_penalty=0.5, frequency_penalty=-0.5, stop=("zzz",), seed=11, logprobs=True, top_logprobs=2)
     client(url).chat.completions.create(model="demo", messages=USER)
     call = fake.submitted[-1]
-    assert call["max_tokens"] == 4096 and call["temperature"] is None and call["logprobs"] is None
+    assert call["max_tokens"] == 4096 and call["temperature"] is None and call["logprobs"] is False
 
 
 def test_max_tokens_stop_and_context_cap(serve):

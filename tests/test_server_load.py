@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytest.importorskip("mlx_llama4.engine")
 
 import mlx.core as mx  # noqa: E402
 

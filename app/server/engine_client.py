@@ -128,8 +128,12 @@ class EngineClient:
         submitted = time.perf_counter()
         handles = []  # kept here: if the request is cancelled (shutdown) while submit runs, its handle is too
 
+        params = asdict(sampling)
+        top = params.pop("logprobs")  # the engine takes a flag and a count
+        params.update(logprobs=top is not None, top_logprobs=top or 0)
+
         def call() -> None:
-            handles.append(self._engine.submit(prompt, **asdict(sampling)))
+            handles.append(self._engine.submit(prompt, **params))
 
         try:  # tokenizing and preparing images takes a moment: off the event loop
             await anyio.to_thread.run_sync(call)
