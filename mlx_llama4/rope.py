@@ -39,6 +39,9 @@ class TextRoPE(nn.Module):
             inv_freq = llama3_inv_freq(inv_freq, scaling)
         # mx.fast.rope takes periods (angle = position / freq), the reciprocal of inv_freq.
         self._periods = 1.0 / inv_freq
+        # Evaluated now: MLX runs a lazy array on the stream of the thread that built it, and the model may
+        # run on another thread (the engine's, the app's).
+        mx.eval(self._periods)
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
         # x: (B, H, L, Dh); positions offset .. offset + L - 1, offset an int or one per row (B,)

@@ -191,6 +191,7 @@ class VisionModel(nn.Module):
         # Not parameters (leading underscore): recomputed here, never read from a checkpoint.
         angles = vision_rope_angles(cfg)  # (N+1, Dh/2) float32
         self._rope_cos, self._rope_sin = mx.cos(angles), mx.sin(angles)
+        mx.eval(self._rope_cos, self._rope_sin)  # usable from any thread (see TextRoPE)
 
     def __call__(self, pixel_values: mx.array) -> mx.array:
         cfg = self.config

@@ -6,6 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from checkpoints import VISION, build_hf, text_config
 from tokenizer_util import real_tokenizer_dir
 
@@ -24,3 +27,9 @@ def build_checkpoint(folder: Path, text_overrides: dict | None = None, seed: int
         {"size": {"height": 56, "width": 56}, "max_patches": 4, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
          "rescale_factor": 1 / 255, "resize_to_max_canvas": False}))
     return hf
+
+
+def random_image(w: int = 110, h: int = 50, seed: int = 0):
+    """A picture of random pixels (w x h: 2 x 1 tiles of 56 px for these checkpoints)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))

@@ -14,7 +14,7 @@ from mlx_llama4 import load, stream_generate
 from mlx_llama4.engine import Engine, EngineFull
 from mlx_llama4.engine.prefix_cache import PrefixCache
 from mlx_llama4.engine.text_stream import TextStream, special_token_ids
-from test_generate import _checkpoint, _image
+from real_vocab import build_checkpoint, random_image
 
 CHUNK = 8
 
@@ -22,7 +22,7 @@ CHUNK = 8
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine")
-    _checkpoint(folder, {})  # attention chunks of 8, 56-px tiles of 4 tokens
+    build_checkpoint(folder, {})  # attention chunks of 8, 56-px tiles of 4 tokens
     model, processor = load(folder, dtype=mx.float32)
     assert model.config.text.attention_chunk_size == CHUNK
     return model, processor
@@ -71,12 +71,12 @@ def test_batched_greedy_equals_serial(tiny):
     requests = [
         ("Hi", None, 12),
         ("Tell me a long story about a cat, a dog and a bird who live in a house by the sea.", None, 40),
-        (_image_turn("What is this?"), [_image(seed=1)], 30),
+        (_image_turn("What is this?"), [random_image(seed=1)], 30),
         (count, None, 25),
         ([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why?"}], None, 9),
-        ("Describe both pictures.", [_image(90, 60, seed=2), _image(50, 50, seed=3)], 20),
+        ("Describe both pictures.", [random_image(90, 60, seed=2), random_image(50, 50, seed=3)], 20),
         (processor(messages=count)["input_ids"][0].tolist(), None, 15),  # token ids: the same prompt, raw
-        (_image_turn("And this one, in detail?"), [_image(130, 40, seed=4)], 33),
+        (_image_turn("And this one, in detail?"), [random_image(130, 40, seed=4)], 33),
     ]
     expected = [_serial(model, processor, count if isinstance(p[0], int) else p, imgs, max_tokens=n)
                 for p, imgs, n in requests]
@@ -97,7 +97,7 @@ def test_batched_greedy_equals_serial(tiny):
 
 def test_runs_a_model_fresh_from_load(tmp_path):
     """Nothing of the model has run on the caller's thread yet (its RoPE tables are still lazy arrays)."""
-    _checkpoint(tmp_path, {}, seed=2)
+    build_checkpoint(tmp_path, {}, seed=2)
     model, processor = load(tmp_path, dtype=mx.float32)
     with Engine(model, processor) as engine:
         events = list(engine.submit("Hi", max_tokens=3))
@@ -110,7 +110,7 @@ def test_process_exits_cleanly_after_the_engine(tmp_path):
     import subprocess
     import sys
 
-    _checkpoint(tmp_path, {}, seed=3)
+    build_checkpoint(tmp_path, {}, seed=3)
     script = ("import sys, mlx.core as mx; from mlx_llama4 import load; from mlx_llama4.engine import Engine; "
               "m, p = load(sys.argv[1], dtype=mx.float32); e = Engine(m, p); "
               "print(e.submit('Hi', max_tokens=4, temperature=0.7).result() is not None); e.close()")
@@ -124,9 +124,9 @@ def test_kv_quantized_batching_equals_serial(tmp_path):
     """With kv_bits=8 every layer's KV is quantized in the batch too; tokens equal serial generation with the
     same kv_bits. (No prefix cache here: serial mlx-lm generation attends its first prefill piece over float
     KV, which a prefix restored from a quantized cache cannot reproduce.)"""
-    _checkpoint(tmp_path, dict(hidden_size=64, head_dim=64, num_attention_heads=2, num_key_value_heads=1), seed=1)
+    build_checkpoint(tmp_path, dict(hidden_size=64, head_dim=64, num_attention_heads=2, num_key_value_heads=1), seed=1)
     model, processor = load(tmp_path, dtype=mx.float32)
-    prompts = [("Hello there, how are you?", None, 24), (_image_turn("What is it?"), [_image(seed=5)], 30),
+    prompts = [("Hello there, how are you?", None, 24), (_image_turn("What is it?"), [random_image(seed=5)], 30),
                ("One two three four five six seven eight nine ten eleven twelve.", None, 18), ("Hey", None, 27)]
     expected = [_serial(model, processor, p, imgs, max_tokens=n, kv_bits=8, prefill_step_size=CHUNK)
                 for p, imgs, n in prompts]
@@ -165,12 +165,12 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(tiny):
 def test_follow_up_turn_reuses_the_prefix(tiny):
     model, processor = tiny
     turn = _image_turn("Hello there! What is in this picture, and what colour is it?")
-    image = _image(seed=6)
+    image = random_image(seed=6)
     turn[0]["content"][0]["image"] = image
     with Engine(model, processor) as engine:
         first = list(engine.submit(turn, max_tokens=12, temperature=0.0))
         follow = turn + [{"role": "assistant", "content": "".join(e.text for e in first)},
-                         {"role": "user", "content": [{"type": "image", "image": _image(70, 90, seed=7)},
+                         {"role": "user", "content": [{"type": "image", "image": random_image(70, 90, seed=7)},
                                                       {"type": "text", "text": "And this one?"}]}]
         second = list(engine.submit(follow, max_tokens=14, temperature=0.0, logprobs=True))
     prompt_len = first[-1].prompt_tokens
@@ -403,7 +403,7 @@ def test_bad_requests_are_refused_in_submit(tiny):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             engine.submit([1, 2, 10**7])
         with pytest.raises(ValueError, match="0 image parts .* but 1 images"):
-            engine.submit([{"role": "user", "content": "no image part"}], images=[_image()])
+            engine.submit([{"role": "user", "content": "no image part"}], images=[random_image()])
         saved = model.config.text.max_position_embeddings
         try:
             model.config.text.max_position_embeddings = 16

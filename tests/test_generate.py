@@ -9,11 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from PIL import Image
 
 from mlx_llama4 import PromptCache, generate, load, load_model, load_prompt_cache, save_prompt_cache, stream_generate
 from mlx_llama4 import generation
-from real_vocab import build_checkpoint
+from real_vocab import build_checkpoint, random_image
 
 END_IDS = [200001, 200007, 200008]  # <|end_of_text|>, <|eom|>, <|eot|>
 
@@ -26,9 +25,6 @@ def tiny(tmp_path_factory):
     return hf, model, processor, folder
 
 
-def _image(w=110, h=50, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 def _hf_greedy(hf, inputs, n):
@@ -77,7 +73,7 @@ def _tokens(model, processor, prompt="Hi", **kw):
 @pytest.mark.parametrize("with_image", [False, True])
 def test_greedy_tokens_match_transformers(tiny, with_image):
     hf, model, processor, _ = tiny
-    images = [_image()] if with_image else None
+    images = [random_image()] if with_image else None
     content = [{"type": "image"}, {"type": "text", "text": "What is this?"}] if with_image else "Say something."
     messages = [{"role": "user", "content": content}]
     inputs = processor(messages=messages, images=images)
@@ -260,7 +256,7 @@ def test_bad_sampling_arguments(tiny, name, value):
 @pytest.mark.parametrize("as_", ["path", "str", "pil", "bytes", "array"])
 def test_one_image_is_not_a_list(tiny, tmp_path, as_):
     _, model, processor, _ = tiny
-    image = _image()
+    image = random_image()
     image.save(tmp_path / "pic.png")
     one = {"path": tmp_path / "pic.png", "str": str(tmp_path / "pic.png"), "pil": image,
            "bytes": (tmp_path / "pic.png").read_bytes(), "array": np.asarray(image)}[as_]
@@ -272,7 +268,7 @@ def test_oversized_image_says_how_to_raise_the_limit(tiny, tmp_path):
     import dataclasses
 
     _, model, processor, _ = tiny
-    _image().save(tmp_path / "pic.png")
+    random_image().save(tmp_path / "pic.png")
     saved = processor.image_settings
     try:
         processor.image_settings = dataclasses.replace(saved, max_pixels=1000)
@@ -304,7 +300,7 @@ def _chat(model, processor, turns, cache=None, images_per_turn=None, n=12):
 def test_kept_cache_equals_fresh_prompts_across_chunk_slides(tiny):
     _, model, processor, _ = tiny
     turns = ["Hello there, how are you today?", "Tell me more.", "And then?", "Why?"]
-    images = {0: [_image(seed=1)], 2: [_image(90, 90, seed=2)]}
+    images = {0: [random_image(seed=1)], 2: [random_image(90, 90, seed=2)]}
     fresh, _ = _chat(model, processor, turns, None, images)
     cache = PromptCache(model)
     kept, messages = _chat(model, processor, turns, cache, images)
@@ -329,7 +325,7 @@ def test_reused_prefix_is_not_refed(tiny):
 
 def test_saved_prompt_cache_continues_identically(tiny, tmp_path):
     _, model, processor, folder = tiny
-    doc = [{"role": "user", "content": [{"type": "image", "image": _image(seed=4)},
+    doc = [{"role": "user", "content": [{"type": "image", "image": random_image(seed=4)},
                                          {"type": "text", "text": "Here is a document. " * 6}]}]
     cache = PromptCache(model)
     list(stream_generate(model, processor, doc, max_tokens=0, prompt_cache=cache))
@@ -516,7 +512,7 @@ def test_errors(tiny, tmp_path):
     finally:
         model.config.text.max_position_embeddings = saved
     with pytest.raises(ValueError, match="0 image parts .* but 1 images"):
-        generate(model, processor, [{"role": "user", "content": "no image part"}], images=[_image()])
+        generate(model, processor, [{"role": "user", "content": "no image part"}], images=[random_image()])
 
 
 def test_load_from_the_hub_then_offline(tiny, tmp_path):
@@ -545,3 +541,20 @@ def test_load_from_the_hub_then_offline(tiny, tmp_path):
     assert offline.stdout.split("REPLY:", 1)[1].strip() == repr(expected)
     missing = run("org/other", HF_HUB_OFFLINE="1")
     assert missing.returncode != 0 and "org/other: not in the local Hugging Face cache" in missing.stderr
+
+
+def test_a_model_loaded_on_one_thread_runs_on_another(tmp_path):
+    """MLX runs a lazy array on the stream of the thread that built it: arrays the model computes at
+    construction (the text and vision RoPE tables) must be materialized then, or any other thread (the engine's,
+    the app's) fails with "There is no Stream(cpu, 0) in current thread"."""
+    import threading
+
+    build_checkpoint(tmp_path, seed=4)
+    model, processor = load(tmp_path, dtype=mx.float32)  # nothing has run on this thread
+    results = []
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    worker = threading.Thread(target=lambda: results.append(
+        generate(model, processor, prompt, images=[random_image()], max_tokens=3, temperature=0.0)))
+    worker.start()
+    worker.join()
+    assert len(results) == 1

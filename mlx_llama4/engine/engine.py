@@ -78,9 +78,6 @@ class Engine:
         if kv_bits is not None and (kv_group_size not in KV_GROUP_SIZES or head_dim % kv_group_size):
             raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES} and divide the head size {head_dim}, "
                              f"got {kv_group_size}")
-        # MLX runs a lazy array on the stream of the thread that built it: materialize every array of the model,
-        # the private ones computed at construction (RoPE tables) included, before the device thread runs it.
-        mx.eval([v for _, m in model.named_modules() for v in m.values() if isinstance(v, mx.array)])
         self.model = model
         self.processor = processor
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
