@@ -6,9 +6,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import TextConfig
+from .mlx_lm_cache import scaled_dot_product_attention
 from .rope import TextRoPE
 
 

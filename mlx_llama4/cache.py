@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_map
-from mlx_lm.models.cache import KVCache, _BaseCache
+
+from .mlx_lm_cache import BaseCache, KVCache
 
 
 def _leaves(x: Any) -> tuple:
@@ -22,7 +23,7 @@ def _leaves(x: Any) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
-class ChunkCache(_BaseCache):
+class ChunkCache(BaseCache):
     """Keys and values of the current attention chunk, in a buffer of at most ``chunk_size`` positions."""
 
     step = 256  # growth granularity while the first chunk fills

@@ -8,35 +8,29 @@ and statistics.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import numbers
-import os
 import time
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
-from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
-from .cache import ChunkCache, QuantizedChunkCache, can_trim_cache, trim_cache
-from .images import ImageInput, tile_count
+from .images import ImageInput
 from .model import Model
+from .prompt_cache import PromptCache, check_cache_model, embeddings_to_feed
+from .prompts import prepare_prompt
+from .text_stream import TextStream, special_token_ids
 
 DEFAULT_MAX_TOKENS = 256
 # What MLX's affine ``mx.quantize`` accepts (MLX 0.32; tests/test_generate.py checks these against it).
 KV_BITS = (1, 2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
-PROMPT_CACHE_FORMAT = "mlx-llama4 prompt cache 1"
 
 
 @dataclass
@@ -52,92 +46,6 @@ class GenerationChunk:
     generation_tps: float
     time_to_first_token: float  # seconds
     peak_memory: float  # GB
-
-
-class PromptCache:
-    """A conversation's KV cache and what it holds: one key per position, the token id, or for an image's
-    ``<|patch|>`` rows a key derived from the image's pixels (two images share token ids, not content)."""
-
-    def __init__(self, model: Model):
-        self.model_id = model_fingerprint(model)  # a cache is only valid for the model that filled it
-        self.chunk_size = model.config.text.attention_chunk_size
-        self._make_layers = model.make_cache
-        self.layers = model.make_cache()
-        self.keys = np.zeros(0, np.int64)
-
-    @property
-    def offset(self) -> int:
-        return self.layers[0].offset
-
-    def reuse(self, keys: np.ndarray, image_spans: list[tuple[int, int]]) -> int:
-        """Keep the longest cached prefix of ``keys`` that can be restored exactly (never splitting an image,
-        always leaving one token to feed) and return its length; the caller feeds ``keys[length:]``."""
-        held = self.keys[: self.offset]
-        n = min(len(held), len(keys) - 1)
-        same = held[:n] == keys[:n]
-        keep = n if same.all() else int(np.argmin(same))
-        while keep > 0:
-            keep = next((s for s, e in image_spans if s < keep < e), keep)  # back up to an image's start
-            if can_trim_cache(self.layers, self.offset - keep):
-                break
-            # Restarting at a chunk boundary is always exact: chunked layers need nothing before it.
-            boundary = keep // self.chunk_size * self.chunk_size
-            keep = boundary if boundary < keep else 0
-        if keep == 0:
-            self.layers[:] = self._make_layers()
-        else:
-            trim_cache(self.layers, self.offset - keep)
-        self.keys = held[:keep]
-        return keep
-
-
-def model_fingerprint(model: Model) -> str:
-    """An identity of the model that a KV cache depends on, stable across processes: a hash of its config and
-    of the first 64 values of every parameter tensor.
-
-    The config fixes the structure (layers, heads, RoPE, chunking); sampling every tensor tells apart other
-    checkpoints, fine-tunes and quantizations (packed integers are hashed as stored), while floats pass
-    through bfloat16 first, so the same checkpoint loaded in float32 or bfloat16 is the same model. It costs
-    one small read per tensor and is computed once per model object.
-    """
-    cached = getattr(model, "_fingerprint", None)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
-    params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
-    heads = [a.reshape(-1)[:64] for _, a in params]
-    heads = [h.astype(mx.bfloat16).astype(mx.float32) if mx.issubdtype(h.dtype, mx.floating) else h for h in heads]
-    mx.eval(heads)
-    for (name, _), head in zip(params, heads):
-        digest.update(name.encode())
-        digest.update(np.asarray(head).tobytes())
-    model._fingerprint = digest.hexdigest()[:32]
-    return model._fingerprint
-
-
-def _check_cache_model(cache_id: str, model: Model, source: str) -> None:
-    if cache_id != model_fingerprint(model):
-        raise ValueError(
-            f"{source} was filled by another model (its config or weights differ from this one's); a KV cache "
-            "only fits the model that made it: use a new PromptCache(model) for this model"
-        )
-
-
-def _image_keys(ids: np.ndarray, pixel_values: Optional[np.ndarray], grids: list, image_token: int,
-                per_tile: int) -> tuple[np.ndarray, list[tuple[int, int]], list[int]]:
-    """Per-position keys, each image's span of ``<|patch|>`` positions, and each image's first tile."""
-    keys = ids.astype(np.int64).copy()
-    positions = np.flatnonzero(ids == image_token)
-    spans, first_tiles, tile, at = [], [], 0, 0
-    for grid in grids:
-        tiles = tile_count(grid)
-        n = tiles * per_tile
-        digest = hashlib.sha1(np.ascontiguousarray(pixel_values[tile : tile + tiles]).tobytes()).digest()
-        keys[positions[at : at + n]] = -1 - (int.from_bytes(digest[:7], "little"))
-        spans.append((int(positions[at]), int(positions[at + n - 1]) + 1))
-        first_tiles.append(tile)
-        tile, at = tile + tiles, at + n
-    return keys, spans, first_tiles
 
 
 def _is_int(x: Any) -> bool:
@@ -239,14 +147,13 @@ def read_generation_config(path: Path) -> dict:
     return out
 
 
-def _stop_tokens(model: Model, processor: Any, defaults: dict) -> set[int]:
+def stop_tokens(model: Model, processor: Any) -> set[int]:
+    """Every end token: the tokenizer's and the chat format's, and those config.json and generation_config.json
+    list."""
+    defaults = getattr(processor, "generation_config", {}) or {}
     return set(processor.eos_token_ids) | set(model.config.text.eos_token_id) | set(defaults.get("eos_token_ids", []))
 
 
-def _special_tokens(tokenizer: Any) -> set[int]:
-    """The tokenizer's special tokens (``<|eot|>``, ``<|python_start|>``, reserved ones ...): control tokens that
-    a reply's text never shows (its chunks' ``token`` still carry them)."""
-    return {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
 
 
 def stream_generate(
@@ -285,32 +192,19 @@ def stream_generate(
                                 top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                                 kv_bits=kv_bits, kv_group_size=kv_group_size, prefill_step_size=prefill_step_size)
     if prompt_cache is not None:
-        _check_cache_model(prompt_cache.model_id, model, "this prompt cache")
+        check_cache_model(prompt_cache.model_id, model, "this prompt cache")
     if settings["seed"] is not None:
         mx.random.seed(settings["seed"])
-    inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt), images=images)
-    ids = np.asarray(inputs["input_ids"])[0]
-    pixels = inputs["pixel_values"]
-    per_tile = model.config.vision.tokens_per_tile if model.config.vision else 0
-    keys, spans, first_tiles = _image_keys(ids, pixels, inputs["grids"], model.config.image_token_index, per_tile)
-
-    limit = model.config.text.max_position_embeddings
-    if len(ids) >= limit:
-        raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {limit} positions "
-                         "(max_position_embeddings)")
-    max_tokens = min(settings["max_tokens"], limit - len(ids))
+    inputs = prepare_prompt(model, processor, prompt, images)  # refuses a prompt that does not fit the context
+    max_tokens = min(settings["max_tokens"], model.config.text.max_position_embeddings - len(inputs))
 
     cache = prompt_cache or PromptCache(model)
-    start = cache.reuse(keys, spans)
-    later = [i for i, (s, _) in enumerate(spans) if s >= start]  # images whose tokens are still to feed
-    feed = mx.array(ids[start:])
-    embeddings = None
-    if later:
-        embeddings = model.embed(feed[None], mx.array(pixels[first_tiles[later[0]]:]))[0]  # (L, D)
-
-    stops = _stop_tokens(model, processor, getattr(processor, "generation_config", {}) or {})
-    hidden = _special_tokens(processor.tokenizer)
-    detokenizer = NaiveStreamingDetokenizer(processor.tokenizer)
+    start = cache.reuse(inputs.keys, inputs.image_spans)
+    feed = mx.array(inputs.ids[start:])
+    embeddings = embeddings_to_feed(model, inputs.ids, start, inputs.image_spans, inputs.first_tiles,
+                                    inputs.pixel_values)
+    stops = stop_tokens(model, processor)
+    text = TextStream(processor.tokenizer, special_token_ids(processor.tokenizer))
     steps = generate_step(
         feed, model.language_model, max_tokens=max_tokens,
         sampler=make_sampler(temp=settings["temperature"], top_p=settings["top_p"], min_p=settings["min_p"],
@@ -331,12 +225,9 @@ def stream_generate(
                 tic = time.perf_counter()
             generated.append(token)
             finish = "stop" if token in stops else ("length" if n + 1 == max_tokens else None)
-            if finish != "stop" and token not in hidden:
-                detokenizer.add_token(token)
-            if finish:
-                detokenizer.finalize()
+            piece = ("" if finish == "stop" else text.add(token)) + (text.finish() if finish else "")  # no end token
             yield GenerationChunk(
-                text=detokenizer.last_segment, token=token, finish_reason=finish, prompt_tokens=len(feed),
+                text=piece, token=token, finish_reason=finish, prompt_tokens=len(feed),
                 prompt_tps=prompt_tps, generation_tokens=n + 1,
                 generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
                 time_to_first_token=ttft, peak_memory=mx.get_peak_memory() / 1e9,
@@ -345,7 +236,7 @@ def stream_generate(
                 return
     finally:
         # Whatever was fed (the prompt and the tokens sampled so far) is what the cache now holds.
-        held = np.concatenate([keys, np.asarray(generated, np.int64)])
+        held = np.concatenate([inputs.keys, np.asarray(generated, np.int64)])
         cache.keys = held[: cache.offset]
 
 
@@ -353,71 +244,3 @@ def generate(model: Model, processor: Any, prompt: str | Sequence[dict],
              images: Optional[ImageInput | Sequence[ImageInput]] = None, **kwargs) -> str:
     """The whole reply to ``prompt`` as one string; keyword arguments as for ``stream_generate``."""
     return "".join(chunk.text for chunk in stream_generate(model, processor, prompt, images, **kwargs))
-
-
-_CACHE_CLASSES = {c.__name__: c for c in (KVCache, QuantizedKVCache, ChunkCache, QuantizedChunkCache)}
-
-
-def save_prompt_cache(file: str | Path, cache: PromptCache) -> None:
-    """Save a prefilled conversation (e.g. a long document) so it can be questioned again without prefill.
-
-    The file (safetensors, written under exactly this name) records the model it belongs to; it is written
-    to a temporary sibling and renamed into place, so an interrupted save never leaves a partial file.
-    """
-    path = Path(file)
-    if cache.offset == 0:
-        raise ValueError("the prompt cache is empty: nothing to save")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: cannot save the prompt cache, the folder {path.parent} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: cannot save the prompt cache, this is a folder")
-    # Every cache class's state is (keys, values, *scalars).
-    arrays = dict(tree_flatten([list(c.state[:2]) for c in cache.layers]))
-    meta = {
-        "format": PROMPT_CACHE_FORMAT,
-        "model": cache.model_id,
-        "classes": json.dumps([type(c).__name__ for c in cache.layers]),
-        "scalars": json.dumps([list(c.state[2:]) for c in cache.layers]),
-        "keys": json.dumps(cache.keys.tolist()),
-    }
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with open(partial, "wb") as f:
-            mx.save_safetensors(f, arrays, meta)
-        os.replace(partial, path)
-    except (OSError, RuntimeError) as e:
-        with suppress(OSError):
-            partial.unlink()
-        kind = type(e) if isinstance(e, OSError) else OSError
-        raise kind(f"{path}: cannot write the prompt cache ({getattr(e, 'strerror', None) or e})") from None
-
-
-def load_prompt_cache(file: str | Path, model: Model) -> PromptCache:
-    """A conversation saved by ``save_prompt_cache``, for ``model`` (the model that filled it, or a fresh
-    load of the same checkpoint; any other model is refused)."""
-    path = Path(file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompt cache file" if not path.exists() else f"{path}: not a file")
-    try:
-        arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: not a prompt cache, or a corrupt or truncated one ({e})") from None
-    if meta.get("format") != PROMPT_CACHE_FORMAT:
-        raise ValueError(f"{path}: not a prompt cache written by save_prompt_cache (no {PROMPT_CACHE_FORMAT!r} mark)")
-    _check_cache_model(meta.get("model"), model, f"the prompt cache {path}")
-    cache = PromptCache(model)
-    try:
-        classes, scalars = json.loads(meta["classes"]), json.loads(meta["scalars"])
-        if len(classes) != len(cache.layers) or len(scalars) != len(classes):
-            raise ValueError(f"{len(classes)} layers, but the model has {len(cache.layers)}")
-        tensors = tree_unflatten(list(arrays.items()))
-        as_tuple = lambda x: tuple(x) if isinstance(x, list) else x  # noqa: E731  (quantized: packed, scales, biases)
-        cache.layers = [
-            _CACHE_CLASSES[name].from_state((as_tuple(t[0]), as_tuple(t[1]), *s))
-            for name, t, s in zip(classes, tensors, scalars, strict=True)
-        ]
-        cache.keys = np.asarray(json.loads(meta["keys"]), np.int64)
-        mx.eval([c.state for c in cache.layers])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: corrupt prompt cache ({type(e).__name__}: {e})") from None
-    return cache

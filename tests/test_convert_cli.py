@@ -85,7 +85,7 @@ def test_every_affine_width_converts_and_loads(source, tmp_path, bits):
 
 
 def test_unsupported_width_is_refused_naming_the_accepted_ones(source, tmp_path, capsys):
-    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "out"), "-q", "--q-bits", "7"]) == 1
+    assert main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "out"), "-q", "--q-bits", "7"]) == 2
     err = capsys.readouterr().err
     assert f"supports {', '.join(map(str, affine_bits()))} bits" in err and "got 7" in err
     assert not (tmp_path / "out").exists()

@@ -9,12 +9,12 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
+from real_vocab import build_checkpoint, random_image
 
 from mlx_llama4 import load, stream_generate
 from mlx_llama4.engine import Engine, EngineFull
 from mlx_llama4.engine.prefix_cache import PrefixCache
-from mlx_llama4.engine.text_stream import TextStream, special_token_ids
-from real_vocab import build_checkpoint, random_image
+from mlx_llama4.text_stream import TextStream, special_token_ids
 
 CHUNK = 8
 

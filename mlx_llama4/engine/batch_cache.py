@@ -20,12 +20,12 @@ from typing import Any, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache
 
 from ..cache import ChunkCache, QuantizedChunkCache
+from ..mlx_lm_cache import BaseCache, KVCache, QuantizedKVCache
 
 
-class BatchKV(_BaseCache):
+class BatchKV(BaseCache):
     """One layer's keys and values for the rows of a batch; ``window`` is the chunk size of a chunked RoPE
     layer, None for a global layer."""
 

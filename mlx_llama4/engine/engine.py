@@ -20,21 +20,18 @@ from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import maybe_quantize_kv_cache
 
-from ..generation import _stop_tokens
+from ..generation import kv_group_size_for, stop_tokens
+from ..mlx_lm_cache import maybe_quantize_kv_cache
 from ..model import Model
+from ..prompts import Prompt, prepare_prompt
+from ..text_stream import TextStream, special_token_ids
 from .batch_cache import BatchCache
 from .prefix_cache import PrefixCache
-from .prompts import Prompt, prepare_prompt
 from .requests import EngineFull, Event, Handle, SamplingParams
 from .sampling import Choice, RowSampler
-from .text_stream import TextStream, special_token_ids
 
 log = logging.getLogger(__name__)
-
-KV_BITS = (2, 3, 4, 5, 6, 8)
-KV_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(eq=False)
@@ -71,19 +68,13 @@ class Engine:
                                  ("prefill_step", prefill_step, 1), ("prefix_cache_bytes", prefix_cache_bytes, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if kv_bits is not None and kv_bits not in KV_BITS:
-            raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {kv_bits!r}")
-        kv_group_size = 64 if kv_group_size is None else kv_group_size
-        head_dim = model.config.text.head_dim
-        if kv_bits is not None and (kv_group_size not in KV_GROUP_SIZES or head_dim % kv_group_size):
-            raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES} and divide the head size {head_dim}, "
-                             f"got {kv_group_size}")
+        kv_group_size = kv_group_size_for(model, kv_bits, kv_group_size)  # ValueError names a bad one
         self.model = model
         self.processor = processor
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self._defaults = getattr(processor, "generation_config", {}) or {}
-        self._stop_tokens = _stop_tokens(model, processor, self._defaults)
+        self._stop_tokens = stop_tokens(model, processor)
         self._special = special_token_ids(processor.tokenizer)
         self._entropy = np.random.default_rng()
 

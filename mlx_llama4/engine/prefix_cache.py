@@ -15,9 +15,9 @@ from typing import Any, Optional
 import numpy as np
 from mlx.utils import tree_map
 
-from ..cache import ChunkCache, can_trim_cache
-from ..generation import PromptCache
+from ..cache import ChunkCache, can_trim_cache, trim_cache
 from ..model import Model
+from ..prompt_cache import PromptCache
 
 
 def _detached(cache: Any) -> Any:
@@ -49,19 +49,20 @@ class PrefixCache:
     def fetch(self, keys: np.ndarray, image_spans: list[tuple[int, int]]) -> tuple[int, Optional[list[Any]]]:
         """``(n, caches)``: new per-layer caches holding the first ``n`` positions of ``keys`` (never all of
         them: one is left to feed), or ``(0, None)`` when no entry helps."""
-        best, best_id, best_trial = 0, None, None
+        best, best_id = 0, None
         for entry_id, entry in self._entries.items():
-            trial = copy.copy(entry)  # reuse() trims the layers it holds: give it shallow copies
-            trial.layers = [copy.copy(c) for c in entry.layers]
-            n = trial.reuse(keys, image_spans)
+            n = entry.restorable_prefix(keys, image_spans)
             if n > best:
-                best, best_id, best_trial = n, entry_id, trial
-        if best_trial is None:
+                best, best_id = n, entry_id
+        if best_id is None:
             return 0, None
+        entry = self._entries[best_id]
         self._entries.move_to_end(best_id)
         self.hits += 1
         self.hit_tokens += best
-        return best, [_detached(c) for c in best_trial.layers]
+        caches = [_detached(c) for c in entry.layers]
+        trim_cache(caches, entry.offset - best)  # exact: restorable_prefix checked it
+        return best, caches
 
     def insert(self, keys: np.ndarray, caches: list[Any]) -> None:
         """Keep ``caches`` (evaluated, not written to afterwards), which hold ``keys``. Entries that this one

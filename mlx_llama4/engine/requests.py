@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
-from ..generation import DEFAULT_MAX_TOKENS
+from ..generation import DEFAULT_MAX_TOKENS, check_sampling
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens so far (T,), logits (1, V)) -> logits
 
@@ -54,21 +54,15 @@ class SamplingParams:
             logits_processors=list(self.logits_processors or []),
             logit_bias=dict(self.logit_bias or {}),
         )
-        _integer("max_tokens", p.max_tokens, low=1)
-        _real("temperature", p.temperature, low=0.0)
-        _real("top_p", p.top_p, low=0.0, high=1.0, open_low=True)
-        _integer("top_k", p.top_k, low=0)
-        _real("min_p", p.min_p, low=0.0, high=1.0)
-        if p.repetition_penalty is not None:
-            _real("repetition_penalty", p.repetition_penalty, low=0.0, open_low=True)
+        check_sampling(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                       min_p=p.min_p, repetition_penalty=p.repetition_penalty, seed=p.seed)
+        _integer("max_tokens", p.max_tokens, low=1)  # a request must generate (stream_generate also prefills only)
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(p, name) is not None:
                 _real(name, getattr(p, name))
         for token, bias in p.logit_bias.items():
             _integer("logit_bias token", token, low=0, high=vocab_size - 1)
             _real(f"logit_bias[{token}]", bias)
-        if p.seed is not None:
-            _integer("seed", p.seed, low=0, high=2**64 - 1)
         if not all(isinstance(s, str) and s for s in p.stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if not isinstance(p.logprobs, bool):

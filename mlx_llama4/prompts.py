@@ -1,5 +1,5 @@
-"""Turning a request's prompt into token ids, per-position keys and pixels, without MLX (in the caller's
-thread, so that bad input raises there and never reaches the engine's device thread)."""
+"""Turning a prompt into token ids, per-position keys and pixels, without MLX: for ``stream_generate`` and for
+the engine, which calls it in the caller's thread so that bad input raises there, never on its device thread."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..generation import _image_keys
-from ..model import Model
+from .images import ImageInput
+from .model import Model
+from .prompt_cache import image_keys
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ def _is_token_ids(prompt: Any) -> bool:
 
 
 def prepare_prompt(model: Model, processor: Any, prompt: str | Sequence[dict] | Sequence[int],
-                   images: Optional[Sequence[Any]] = None) -> Prompt:
+                   images: Optional[ImageInput | Sequence[ImageInput]] = None) -> Prompt:
     """``prompt``: a string (one user turn, after ``images``), chat messages in the Hugging Face format (image
     parts inline or taking ``images`` in order), or token ids (a raw completion: fed as given, no template).
+    ``images`` is one image or a list of them.
     ValueError names what is wrong; a prompt that does not fit the context is refused, never truncated."""
     cfg = model.config
     if _is_token_ids(prompt):
@@ -53,12 +55,7 @@ def prepare_prompt(model: Model, processor: Any, prompt: str | Sequence[dict] | 
                              "pass images in a chat-message prompt instead")
         pixels, grids = None, []
     else:
-        if isinstance(prompt, (list, tuple)) and not prompt:
-            raise ValueError("the prompt is empty")
-        if not isinstance(prompt, (str, list, tuple)):
-            raise ValueError(f"the prompt must be a string, chat messages or token ids, got {type(prompt).__name__}")
-        inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt),
-                           images=list(images) if images else None)
+        inputs = processor(messages=prompt, images=images)  # ProcessorError (a ValueError) names a malformed one
         ids, pixels, grids = np.asarray(inputs["input_ids"])[0], inputs["pixel_values"], inputs["grids"]
         if grids and cfg.vision is None:
             raise ValueError("the prompt has images, but this checkpoint is text-only (no vision_config)")
@@ -67,5 +64,5 @@ def prepare_prompt(model: Model, processor: Any, prompt: str | Sequence[dict] | 
         raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is {limit} positions "
                          "(max_position_embeddings)")
     per_tile = cfg.vision.tokens_per_tile if cfg.vision else 0
-    keys, spans, first_tiles = _image_keys(ids, pixels, grids, cfg.image_token_index, per_tile)
+    keys, spans, first_tiles = image_keys(ids, pixels, grids, cfg.image_token_index, per_tile)
     return Prompt(ids.astype(np.int32), keys, spans, first_tiles, pixels)
