@@ -7,6 +7,11 @@ meanings follow OpenAI's API reference (https://platform.openai.com/docs/api-ref
 
 ``max_tokens`` beyond what is left of the context is capped there by the engine, and the reply then ends with
 ``finish_reason: "length"``; a prompt longer than the context is refused (400), never truncated.
+
+Tools (``tools.py``): the reply is split into ``content`` and ``tool_calls`` (streamed as ``tool_calls`` deltas:
+a call's ``index``, ``id``, ``type`` and name, then its arguments), and ends with ``finish_reason:
+"tool_calls"`` when it called one. ``response_format`` JSON keeps the reply on its schema while sampling; a reply
+cut by ``max_tokens`` ends with ``finish_reason: "length"`` and may be incomplete JSON.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ from typing import Any, AsyncIterator, Callable, Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .engine_client import EngineClient, Generation, Sampling
+from mlx_llama4.tool_calls import ToolCallParser
+
+from .engine_client import EngineClient, Generation, JSONOutput, Sampling
 from .errors import APIError, parse_body
 from .media import MediaError, fetch_image
 from .openai_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from .replies import collect, sse, sse_response
+from .tools import ToolPlan, check_tools_fit, parse_reply, plan_tools, template_call, with_json_output
 
 log = logging.getLogger("mlx_llama4.server")
 router = APIRouter()
@@ -41,13 +49,14 @@ def _served(request: Request, body: SamplingFields) -> str:
     return served
 
 
-def _sampling(request: Request, body: SamplingFields, limit: Optional[int], logprobs: Optional[int]) -> Sampling:
+def _sampling(request: Request, body: SamplingFields, limit: Optional[int], logprobs: Optional[int],
+              json_output: Optional[JSONOutput] = None) -> Sampling:
     return Sampling(
         max_tokens=limit or request.app.state.settings.max_tokens, temperature=body.temperature, top_p=body.top_p,
         top_k=None if body.top_k is None else max(body.top_k, 0), min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, stop=tuple(body.stop or ()), seed=body.seed,
-        logprobs=logprobs)
+        logprobs=logprobs, json_output=json_output)
 
 
 def _usage(last: Any) -> dict:
@@ -89,9 +98,9 @@ def _chunk(head: dict, kind: str, choices: list, include_usage: bool, usage: Opt
 
 
 async def _stream(generation: Generation, head: dict, kind: str, include_usage: bool, opening: Optional[dict],
-                  choice: Callable[[Any], Optional[dict]], finish: Callable[[str], dict]) -> AsyncIterator[str]:
-    """The server-sent events of one generation: the ``opening`` choice, one chunk per event that has something
-    to send (``choice(event)``), the ``finish`` choice, the usage chunk if asked for, then ``data: [DONE]``.
+                  choices: Callable[[Any], list[dict]], finish: Callable[[str], dict]) -> AsyncIterator[str]:
+    """The server-sent events of one generation: the ``opening`` choice, a chunk for each choice an event has
+    to send (``choices(event)``), the ``finish`` choice, the usage chunk if asked for, then ``data: [DONE]``.
     An engine failure ends the stream with an error event instead; a client leaving cancels the generation."""
     finished = False
     try:
@@ -103,8 +112,7 @@ async def _stream(generation: Generation, head: dict, kind: str, include_usage: 
                 error = {"message": _failed(event).message, "type": "server_error", "param": None, "code": None}
                 yield sse({"error": error})
                 return
-            sent = choice(event)
-            if sent is not None:
+            for sent in choices(event):
                 yield _chunk(head, kind, [sent], include_usage)
             if event.finish_reason:
                 finished = True
@@ -141,14 +149,19 @@ async def get_model(model_id: str, request: Request) -> dict:
 
 
 async def _engine_messages(messages: list[ChatMessage], request: Request) -> list[dict]:
-    """OpenAI messages -> the Hugging Face format, each ``image_url`` fetched and decoded into a PIL image."""
+    """OpenAI messages -> the Hugging Face format, each ``image_url`` fetched and decoded into a PIL image; a
+    call's arguments go to the template as an object, a tool result as its text."""
     policy = request.app.state.settings.media
     out = []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         parts = message.content or []
+        if message.tool_calls:
+            calls = [template_call(call.function.name, call.function.arguments) for call in message.tool_calls]
+            out.append({"role": role, "content": message.text(), "tool_calls": calls})
+            continue
         if all(part.type == "text" for part in parts):  # the chat template joins text parts without a separator
-            out.append({"role": role, "content": "".join(part.text for part in parts)})
+            out.append({"role": role, "content": message.text()})
             continue
         content = []
         for j, part in enumerate(parts):
@@ -178,37 +191,63 @@ async def chat_completions(request: Request):
     model = _served(request, body)
     engine: EngineClient = request.app.state.engine
     top = (body.top_logprobs or 0) if body.logprobs else None
+    specs = [tool.model_dump(exclude_none=True, exclude={"function": {"strict"}}) for tool in body.tools or []]
+    tools = plan_tools(specs, body.tool_choice)
+    json_output = with_json_output(tools, body.json_schema, "response_format")
     messages = await _engine_messages(body.messages, request)
-    generation = await engine.submit(messages, _sampling(request, body, body.reply_limit, top))
+    check_tools_fit(messages, tools, "tools")
+    generation = await engine.submit(messages, _sampling(request, body, body.reply_limit, top, json_output),
+                                     tools=tools.offered)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if body.stream:
-        return sse_response(_chat_stream(generation, head, top, body.include_usage, engine))
+        return sse_response(_chat_stream(generation, head, top, body.include_usage, engine, tools))
 
     events = await collect(generation, request)
     last = events[-1] if events else None
     if last is None or last.finish_reason == "error":
         raise _failed(last)
     scored = [_chat_logprob(e, top, engine) for e in events if _scored(e, engine)] if top is not None else None
+    text, finish = "".join(e.text for e in events), last.finish_reason
+    message = {"role": "assistant", "content": text}
+    if tools.offered is not None:
+        reply = parse_reply(text, tools)
+        finish = reply.finish_reason(finish)
+        message["content"] = reply.content
+        if reply.tool_calls:
+            message = {"role": "assistant", "content": reply.content or None,
+                       "tool_calls": [call.to_openai() for call in reply.tool_calls]}
     return JSONResponse({
         **_envelope(head, "chat.completion"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+        "choices": [{"index": 0, "message": message,
                      "logprobs": None if scored is None else {"content": scored, "refusal": None},
-                     "finish_reason": last.finish_reason}],
+                     "finish_reason": finish}],
         "usage": _usage(last)})
 
 
 def _chat_stream(generation: Generation, head: dict, top: Optional[int], include_usage: bool,
-                 engine: EngineClient) -> AsyncIterator[str]:
-    def choice(event: Any) -> Optional[dict]:
+                 engine: EngineClient, tools: ToolPlan) -> AsyncIterator[str]:
+    """Chat chunks; with tools in play the text goes through a ``ToolCallParser``, whose deltas (content, and
+    each call once its block has closed) become the chunks."""
+    parser = ToolCallParser(tools.offered) if tools.offered is not None else None
+
+    def choices(event: Any) -> list[dict]:
         scored = [_chat_logprob(event, top, engine)] if top is not None and _scored(event, engine) else None
-        if not (event.text or scored):
-            return None
-        return {"index": 0, "delta": {"content": event.text},
-                "logprobs": None if scored is None else {"content": scored}, "finish_reason": None}
+        if parser is None:
+            deltas = [{"content": event.text}] if event.text or scored else []
+        else:
+            deltas = parser.feed(event.text) + (parser.finish() if event.finish_reason else [])
+            deltas = deltas or ([{"content": ""}] if scored else [])
+        out = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
+        if scored:
+            out[0]["logprobs"] = {"content": scored}
+        return out
+
+    def finish(reason: str) -> dict:
+        return {"index": 0, "delta": {}, "logprobs": None,
+                "finish_reason": parser.finish_reason(reason) if parser else reason}
 
     opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    return _stream(generation, head, "chat.completion.chunk", include_usage, opening, choice,
-                   lambda reason: {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
+    return _stream(generation, head, "chat.completion.chunk", include_usage, opening, choices, finish)
 
 
 # ---- /v1/completions -------------------------------------------------------------------------------------------
@@ -276,12 +315,12 @@ def _completion_stream(generation: Generation, head: dict, echo: str, logprobs: 
                        include_usage: bool, engine: EngineClient) -> AsyncIterator[str]:
     offsets = _TextOffsets(engine, len(echo))
 
-    def choice(event: Any) -> Optional[dict]:
+    def choices(event: Any) -> list[dict]:
         scored = offsets.entry(event) if logprobs is not None and _scored(event, engine) else None
         if not (event.text or scored):
-            return None
-        return {"index": 0, "text": event.text, "logprobs": scored, "finish_reason": None}
+            return []
+        return [{"index": 0, "text": event.text, "logprobs": scored, "finish_reason": None}]
 
     opening = {"index": 0, "text": echo, "logprobs": None, "finish_reason": None} if echo else None
-    return _stream(generation, head, "text_completion", include_usage, opening, choice,
+    return _stream(generation, head, "text_completion", include_usage, opening, choices,
                    lambda reason: {"index": 0, "text": "", "logprobs": None, "finish_reason": reason})
