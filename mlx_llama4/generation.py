@@ -18,7 +18,7 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +31,7 @@ from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 from .cache import ChunkCache, QuantizedChunkCache, can_trim_cache, trim_cache
 from .images import ImageInput, tile_count
 from .model import Model
+from .structured import JSONConstraint, json_schema_of
 
 DEFAULT_MAX_TOKENS = 256
 # What MLX's affine ``mx.quantize`` accepts (MLX 0.32; tests/test_generate.py checks these against it).
@@ -267,6 +268,7 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    response_format: Optional[Mapping[str, Any]] = None,
 ) -> Iterator[GenerationChunk]:
     """Stream the reply to ``prompt``: a string (one user turn, after ``images`` if any) or chat messages in the
     Hugging Face format, whose image parts without an inline image take ``images`` in order. ``images`` is one
@@ -279,6 +281,11 @@ def stream_generate(
     the whole conversation so far. ``progress(done, total)`` reports prefill progress. The prompt is fed
     ``prefill_step_size`` tokens at a time: by default one attention chunk, which bounds the activations of
     a long prefill to one chunk's. The text of the chunks never contains special tokens.
+
+    ``response_format`` (OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+    {"schema": ...}}``, or a bare JSON schema) keeps the reply on that schema while sampling
+    (``structured.JSONConstraint``): a reply that ends with ``finish_reason == "stop"`` is complete JSON that
+    validates; one cut by ``max_tokens`` (``"length"``) may not be.
     """
     tic = time.perf_counter()
     settings = resolve_sampling(model, processor, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -286,6 +293,11 @@ def stream_generate(
                                 kv_bits=kv_bits, kv_group_size=kv_group_size, prefill_step_size=prefill_step_size)
     if prompt_cache is not None:
         _check_cache_model(prompt_cache.model_id, model, "this prompt cache")
+    stops = _stop_tokens(model, processor, getattr(processor, "generation_config", {}) or {})
+    schema = json_schema_of(response_format)
+    processors = make_logits_processors(repetition_penalty=settings["repetition_penalty"])
+    if schema is not None:  # before the prompt is read: a schema llguidance cannot enforce fails at once
+        processors.append(JSONConstraint(processor.tokenizer, schema, stops))
     if settings["seed"] is not None:
         mx.random.seed(settings["seed"])
     inputs = processor(messages=prompt if isinstance(prompt, str) else list(prompt), images=images)
@@ -308,14 +320,13 @@ def stream_generate(
     if later:
         embeddings = model.embed(feed[None], mx.array(pixels[first_tiles[later[0]]:]))[0]  # (L, D)
 
-    stops = _stop_tokens(model, processor, getattr(processor, "generation_config", {}) or {})
     hidden = _special_tokens(processor.tokenizer)
     detokenizer = NaiveStreamingDetokenizer(processor.tokenizer)
     steps = generate_step(
         feed, model.language_model, max_tokens=max_tokens,
         sampler=make_sampler(temp=settings["temperature"], top_p=settings["top_p"], min_p=settings["min_p"],
                              top_k=settings["top_k"]),
-        logits_processors=make_logits_processors(repetition_penalty=settings["repetition_penalty"]),
+        logits_processors=processors,
         prompt_cache=cache.layers,
         prefill_step_size=settings["prefill_step_size"] or model.config.text.attention_chunk_size or 2048,
         kv_bits=settings["kv_bits"], kv_group_size=settings["kv_group_size"], quantized_kv_start=0,
