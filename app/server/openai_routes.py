@@ -16,7 +16,6 @@ cut by ``max_tokens`` ends with ``finish_reason: "length"`` and may be incomplet
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Optional
@@ -28,25 +27,15 @@ from mlx_llama4.tool_calls import ToolCallParser
 
 from .engine_client import EngineClient, Generation, JSONOutput, Sampling
 from .errors import APIError, parse_body
-from .media import MediaError, fetch_image
+from .media import request_image
 from .openai_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
-from .replies import collect, sse, sse_response
+from .replies import collect, events_or_failure, generation_failed, served_model, sse, sse_response
 from .tools import ToolPlan, check_tools_fit, parse_reply, plan_tools, template_call, with_json_output
 
-log = logging.getLogger("mlx_llama4.server")
 router = APIRouter()
 
 
 # ---- shared by both completion routes --------------------------------------------------------------------------
-
-
-def _served(request: Request, body: SamplingFields) -> str:
-    """The model id to report; a 404 if the request names another model."""
-    served = request.app.state.settings.model_id
-    if body.model is not None and body.model != served:
-        raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{served}'",
-                       param="model", code="model_not_found")
-    return served
 
 
 def _sampling(request: Request, body: SamplingFields, limit: Optional[int], logprobs: Optional[int],
@@ -65,26 +54,11 @@ def _usage(last: Any) -> dict:
             "prompt_tokens_details": {"cached_tokens": last.cached_tokens or 0}}
 
 
-def _failed(last: Any) -> APIError:
-    """The 500 for a generation that ended in an error (``last`` is None when the engine raised)."""
-    return APIError(500, f"generation failed: {getattr(last, 'error', None) or 'engine error (see the server log)'}")
-
-
 def _scored(event: Any, engine: EngineClient) -> bool:
     """Whether the event's token belongs in the log probabilities (an end token does not, like its text)."""
     if event.token is None or event.logprob is None:
         return False
     return not (event.finish_reason == "stop" and engine.is_end_token(event.token))
-
-
-async def _events_or_error(generation: Generation, kind: str) -> AsyncIterator[Any]:
-    """The generation's events; an engine failure is logged and ends the iteration with an error event."""
-    try:
-        async for event in generation:
-            yield event
-    except Exception:
-        log.exception("the engine failed during a streamed %s", kind)
-        yield None
 
 
 def _envelope(head: dict, kind: str) -> dict:
@@ -106,10 +80,11 @@ async def _stream(generation: Generation, head: dict, kind: str, include_usage: 
     try:
         if opening is not None:
             yield _chunk(head, kind, [opening], include_usage)
-        async for event in _events_or_error(generation, kind):
+        async for event in events_or_failure(generation, kind):
             if event is None or event.finish_reason == "error":
                 finished = True
-                error = {"message": _failed(event).message, "type": "server_error", "param": None, "code": None}
+                error = {"message": generation_failed(event).message, "type": "server_error", "param": None,
+                         "code": None}
                 yield sse({"error": error})
                 return
             for sent in choices(event):
@@ -168,11 +143,8 @@ async def _engine_messages(messages: list[ChatMessage], request: Request) -> lis
             if part.type == "text":
                 content.append({"type": "text", "text": part.text})
                 continue
-            where = f"messages[{i}].content[{j}].image_url"
-            try:
-                content.append({"type": "image", "image": await fetch_image(part.image_url.url, policy)})
-            except MediaError as e:
-                raise APIError(400, f"{where}: {e}", param=where, code="invalid_image") from None
+            image = await request_image(part.image_url.url, policy, f"messages[{i}].content[{j}].image_url")
+            content.append({"type": "image", "image": image})
         out.append({"role": role, "content": content})
     return out
 
@@ -188,7 +160,7 @@ def _chat_logprob(event: Any, top: int, engine: EngineClient) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     body = parse_body(await request.body(), ChatCompletionRequest)
-    model = _served(request, body)
+    model = served_model(request, body.model)
     engine: EngineClient = request.app.state.engine
     top = (body.top_logprobs or 0) if body.logprobs else None
     specs = [tool.model_dump(exclude_none=True, exclude={"function": {"strict"}}) for tool in body.tools or []]
@@ -205,7 +177,7 @@ async def chat_completions(request: Request):
     events = await collect(generation, request)
     last = events[-1] if events else None
     if last is None or last.finish_reason == "error":
-        raise _failed(last)
+        raise generation_failed(last)
     scored = [_chat_logprob(e, top, engine) for e in events if _scored(e, engine)] if top is not None else None
     text, finish = "".join(e.text for e in events), last.finish_reason
     message = {"role": "assistant", "content": text}
@@ -277,7 +249,7 @@ class _TextOffsets:
 @router.post("/v1/completions")
 async def completions(request: Request):
     body = parse_body(await request.body(), CompletionRequest)
-    model = _served(request, body)
+    model = served_model(request, body.model)
     engine: EngineClient = request.app.state.engine
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (prompt log probabilities are not "
@@ -299,7 +271,7 @@ async def completions(request: Request):
     events = await collect(generation, request)
     last = events[-1] if events else None
     if last is None or last.finish_reason == "error":
-        raise _failed(last)
+        raise generation_failed(last)
     logprobs = None
     if body.logprobs is not None:
         offsets = _TextOffsets(engine, len(echo))
