@@ -14,7 +14,7 @@ import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +26,7 @@ from .model import Model
 from .prompt_cache import PromptCache, check_cache_model, embeddings_to_feed
 from .prompts import prepare_prompt
 from .text_stream import TextStream, special_token_ids
+from .structured import JSONConstraint, json_schema_of
 
 DEFAULT_MAX_TOKENS = 256
 # What MLX's affine ``mx.quantize`` accepts (MLX 0.32; tests/test_generate.py checks these against it).
@@ -174,10 +175,14 @@ def stream_generate(
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    response_format: Optional[Mapping[str, Any]] = None,
+    tools: Optional[Sequence[dict]] = None,
 ) -> Iterator[GenerationChunk]:
     """Stream the reply to ``prompt``: a string (one user turn, after ``images`` if any) or chat messages in the
     Hugging Face format, whose image parts without an inline image take ``images`` in order. ``images`` is one
-    image (a path, bytes, PIL image or array) or a list of them.
+    image (a path, bytes, PIL image or array) or a list of them. ``tools`` (function specs, OpenAI or Hugging
+    Face style) go into the prompt through the checkpoint's chat template; ``mlx_llama4.tool_calls`` reads
+    the calls in the reply.
 
     Sampling defaults come from the checkpoint's ``generation_config.json`` (temperature 0 = greedy when it
     has none). ``max_tokens=0`` only prefills (e.g. a prompt cache to save). ``kv_bits`` quantizes the KV cache
@@ -186,6 +191,11 @@ def stream_generate(
     the whole conversation so far. ``progress(done, total)`` reports prefill progress. The prompt is fed
     ``prefill_step_size`` tokens at a time: by default one attention chunk, which bounds the activations of
     a long prefill to one chunk's. The text of the chunks never contains special tokens.
+
+    ``response_format`` (OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+    {"schema": ...}}``, or a bare JSON schema) keeps the reply on that schema while sampling
+    (``structured.JSONConstraint``): a reply that ends with ``finish_reason == "stop"`` is complete JSON that
+    validates; one cut by ``max_tokens`` (``"length"``) may not be.
     """
     tic = time.perf_counter()
     settings = resolve_sampling(model, processor, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -193,9 +203,14 @@ def stream_generate(
                                 kv_bits=kv_bits, kv_group_size=kv_group_size, prefill_step_size=prefill_step_size)
     if prompt_cache is not None:
         check_cache_model(prompt_cache.model_id, model, "this prompt cache")
+    stops = stop_tokens(model, processor)
+    schema = json_schema_of(response_format)
+    processors = make_logits_processors(repetition_penalty=settings["repetition_penalty"])
+    if schema is not None:  # before the prompt is read: a schema llguidance cannot enforce fails at once
+        processors.append(JSONConstraint(processor.tokenizer, schema, stops))
     if settings["seed"] is not None:
         mx.random.seed(settings["seed"])
-    inputs = prepare_prompt(model, processor, prompt, images)  # refuses a prompt that does not fit the context
+    inputs = prepare_prompt(model, processor, prompt, images, tools)  # refuses a prompt that does not fit the context
     max_tokens = min(settings["max_tokens"], model.config.text.max_position_embeddings - len(inputs))
 
     cache = prompt_cache or PromptCache(model)
@@ -203,13 +218,12 @@ def stream_generate(
     feed = mx.array(inputs.ids[start:])
     embeddings = embeddings_to_feed(model, inputs.ids, start, inputs.image_spans, inputs.first_tiles,
                                     inputs.pixel_values)
-    stops = stop_tokens(model, processor)
     text = TextStream(processor.tokenizer, special_token_ids(processor.tokenizer))
     steps = generate_step(
         feed, model.language_model, max_tokens=max_tokens,
         sampler=make_sampler(temp=settings["temperature"], top_p=settings["top_p"], min_p=settings["min_p"],
                              top_k=settings["top_k"]),
-        logits_processors=make_logits_processors(repetition_penalty=settings["repetition_penalty"]),
+        logits_processors=processors,
         prompt_cache=cache.layers,
         prefill_step_size=settings["prefill_step_size"] or model.config.text.attention_chunk_size or 2048,
         kv_bits=settings["kv_bits"], kv_group_size=settings["kv_group_size"], quantized_kv_start=0,

@@ -36,15 +36,16 @@ def _is_token_ids(prompt: Any) -> bool:
 
 
 def prepare_prompt(model: Model, processor: Any, prompt: str | Sequence[dict] | Sequence[int],
-                   images: Optional[ImageInput | Sequence[ImageInput]] = None) -> Prompt:
+                   images: Optional[ImageInput | Sequence[ImageInput]] = None,
+                   tools: Optional[Sequence[dict]] = None) -> Prompt:
     """``prompt``: a string (one user turn, after ``images``), chat messages in the Hugging Face format (image
     parts inline or taking ``images`` in order), or token ids (a raw completion: fed as given, no template).
-    ``images`` is one image or a list of them.
+    ``images`` is one image or a list of them; ``tools`` (function specs) go to the chat template.
     ValueError names what is wrong; a prompt that does not fit the context is refused, never truncated."""
     cfg = model.config
     if _is_token_ids(prompt):
-        if images:
-            raise ValueError("images= needs a string or chat-message prompt, not token ids")
+        if images or tools:
+            raise ValueError("images= and tools= need a string or chat-message prompt, not token ids")
         ids = np.asarray(prompt, np.int64)
         vocab = cfg.text.vocab_size
         bad = ids[(ids < 0) | (ids >= vocab)]
@@ -55,7 +56,8 @@ def prepare_prompt(model: Model, processor: Any, prompt: str | Sequence[dict] | 
                              "pass images in a chat-message prompt instead")
         pixels, grids = None, []
     else:
-        inputs = processor(messages=prompt, images=images)  # ProcessorError (a ValueError) names a malformed one
+        template = {"tools": list(tools)} if tools else {}
+        inputs = processor(messages=prompt, images=images, **template)  # a ProcessorError names a malformed one
         ids, pixels, grids = np.asarray(inputs["input_ids"])[0], inputs["pixel_values"], inputs["grids"]
         if grids and cfg.vision is None:
             raise ValueError("the prompt has images, but this checkpoint is text-only (no vision_config)")

@@ -12,6 +12,16 @@ if not hasattr(transformers.modeling_outputs.MoeCausalLMOutputWithPast, "image_o
     transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None
 
 
+@pytest.fixture(scope="session")
+def demo():
+    """The bundled demo model (model, processor), float32 on any backend; shared: tests must not change it."""
+    import mlx.core as mx
+
+    from mlx_llama4 import load
+
+    return load("demo", dtype=mx.float32)
+
+
 @pytest.fixture(scope="session", params=sorted(VARIANTS))
 def variant(request, tmp_path_factory):
     """(name, checkpoint folder, token ids (1, L), transformers float32 logits (1, L, V)) per variant."""

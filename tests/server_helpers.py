@@ -1,11 +1,15 @@
 """For the server tests: a fake engine with the real engine's API, a server running in a thread, and the
 demo model's questions (OpenAI parts for the server, Hugging Face parts for ``generate()``).
 
-``FakeEngine`` answers deterministically without a model ("You said: <last user text>", one token per
-piece of the demo tokenizer) and honours what the HTTP layer relies on: ``max_tokens`` (capped at its small
-context), ``stop`` strings, ``cancel()``, ``EngineFull`` when ``max_queue`` requests wait, ``ValueError`` for a
-prompt longer than the context or a bad sampling value, log probabilities, and an error event or an exception
-on request (prompts containing ``FAIL`` / ``CRASH``). It records every submission for inspection.
+``FakeEngine`` answers deterministically without a model ("You said: <last message's text>", one token per
+piece of the demo tokenizer; a last message holding ``REPLY:`` gets the text after it, special tokens parsed,
+so ``REPLY:{"name": ...}<|eom|>`` is a tool call ended by ``<|eom|>``) and honours what the HTTP layer relies
+on: ``max_tokens`` (capped at its small context), ``stop`` strings, ``cancel()``, ``EngineFull`` when
+``max_queue`` requests wait, ``ValueError`` for a prompt longer than the context or a bad sampling value, log
+probabilities, ``tools`` (rendered by the chat template), ``logits_processors`` (each token is the argmax of
+logits preferring the scripted one, after the processors, so a JSON constraint bends the reply as it would a
+model's), and an error event or an exception on request (prompts containing ``FAIL`` / ``CRASH``). It records
+every submission for inspection.
 """
 
 from __future__ import annotations
@@ -23,11 +27,10 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import openai
-import pytest
 import uvicorn
 
 import mlx_llama4
-from mlx_llama4 import generate, load
+from mlx_llama4 import generate
 from mlx_llama4.engine import EngineFull
 from mlx_llama4.processor import load_processor
 
@@ -51,9 +54,10 @@ class FakeEvent:
 
 class FakeHandle:
     def __init__(self, engine: "FakeEngine", prompt_ids: list[int], reply: str, max_tokens: int, stop, logprobs,
-                 crash: bool = False, fail: bool = False):
+                 crash: bool = False, fail: bool = False, logits_processors=()):
         self.engine, self.prompt_ids, self.max_tokens, self.stop = engine, prompt_ids, max_tokens, tuple(stop)
         self.logprobs, self.crash, self.fail = logprobs, crash, fail
+        self.logits_processors = list(logits_processors or ())
         self.reply_ids = engine.processor.encode(reply)
         self.cancelled = threading.Event()
         self.finish: Optional[str] = None
@@ -79,9 +83,25 @@ class FakeHandle:
                 engine.running -= 1
             engine.rows.release()
 
+    def _next_token(self, generated: list[int]) -> int:
+        """The scripted token (the end token after the script), or with logits processors the argmax of logits
+        that prefer it, after the processors."""
+        n = len(generated)
+        wanted = self.reply_ids[n] if n < len(self.reply_ids) else self.engine.end_token
+        if not self.logits_processors:
+            return wanted
+        vocab = len(self.engine.processor.tokenizer)
+        logits = (mx.arange(vocab) == wanted).astype(mx.float32)[None]  # (1, V)
+        history = mx.array(self.prompt_ids + generated)
+        for process in self.logits_processors:
+            logits = process(history, logits)
+        return int(mx.argmax(logits, axis=-1).item())
+
     def _generate(self):
-        text, n = "", 0  # text is decoded from all tokens so far, so a character split over tokens comes whole
-        for token in self.reply_ids:
+        text, generated = "", []  # text is decoded from all tokens so far, so a character split over tokens comes whole
+        ends = set(self.engine.processor.eos_token_ids)
+        while True:
+            n = len(generated)
             if self.cancelled.is_set():
                 self.finish = "cancelled"
                 yield self._event(None, "", n, "cancelled")
@@ -95,8 +115,14 @@ class FakeHandle:
                 self.finish = "error"
                 yield self._event(None, "", n, "error", error="fake failure")
                 return
+            token = self._next_token(generated)
+            if token in ends:
+                self.finish = "stop"
+                yield self._event(token, "", n + 1, "stop")
+                return
+            generated.append(token)
             n += 1
-            full = self.engine.processor.decode(self.reply_ids[:n])
+            full = self.engine.processor.decode(generated)
             full = full if not full.endswith("\ufffd") else text
             hit = next((s for s in self.stop if s in full), None)
             if hit is not None:
@@ -108,8 +134,6 @@ class FakeHandle:
             yield self._event(token, piece, n, self.finish)
             if self.finish:
                 return
-        self.finish = "stop"
-        yield self._event(self.engine.end_token, "", n + 1, "stop")
 
 
 class FakeEngine:
@@ -133,18 +157,19 @@ class FakeEngine:
 
     def submit(self, prompt, images=None, max_tokens=256, temperature=None, top_p=None, top_k=None, min_p=0.0,
                repetition_penalty=None, presence_penalty=0.0, frequency_penalty=0.0, stop=(), seed=None,
-               logprobs=False, top_logprobs=0) -> FakeHandle:
+               logprobs=False, top_logprobs=0, logits_processors=None, tools=None) -> FakeHandle:
         call = dict(prompt=prompt, images=images, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, stop=stop, seed=seed,
-                    logprobs=logprobs, top_logprobs=top_logprobs)
+                    logprobs=logprobs, top_logprobs=top_logprobs, logits_processors=logits_processors, tools=tools)
         logprobs = top_logprobs if logprobs else None  # how many alternatives to report, as the fake handle takes it
         if temperature is not None and temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             ids, last = list(prompt), self.processor.decode(prompt[-3:])
         else:
-            ids = self.processor(messages=prompt)["input_ids"][0].tolist()  # checks images as the engine does
+            rendered = self.processor(messages=prompt, **({"tools": tools} if tools else {}))  # checks images too
+            ids = rendered["input_ids"][0].tolist()
             message = prompt[-1] if isinstance(prompt, list) else {"content": prompt}
             content = message["content"]
             parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
@@ -160,8 +185,10 @@ class FakeEngine:
             self.queued += 1
         self.submitted.append(call)
         reply = "la " * 300 if "long story" in last else f"You said: {last}"
+        if "REPLY:" in last:
+            reply = last[last.index("REPLY:") + len("REPLY:"):]
         handle = FakeHandle(self, ids, reply, min(max_tokens, self.context - len(ids)), stop, logprobs,
-                            crash="CRASH" in last, fail="FAIL" in last)
+                            crash="CRASH" in last, fail="FAIL" in last, logits_processors=logits_processors)
         self.handles.append(handle)
         return handle
 
@@ -206,11 +233,6 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> Non
 
 
 # ---- the demo model's questions, for the end-to-end tests ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load("demo", dtype=mx.float32)
 
 
 def openai_client(url: str, key: str = "none", timeout: float = 300) -> openai.OpenAI:

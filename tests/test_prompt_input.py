@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import logging
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_llama4 import generate, load
+from mlx_llama4 import generate
 from mlx_llama4.processor import ProcessorError
 
 BOS, HEADER = "<|begin_of_text|>", "<|header_start|>"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load("demo", dtype=mx.float32)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from mlx_llama4.app.server.app import ServerSettings, create_app  # noqa: E402
 from mlx_llama4.app.server.engine_client import EngineClient  # noqa: E402
 from mlx_llama4.engine import Engine  # noqa: E402
-from server_helpers import (ServerThread, demo, expected, openai_client, picture, question,  # noqa: E402, F401
+from server_helpers import (ServerThread, expected, openai_client, picture, question,  # noqa: E402, F401
                             wait_until)
 
 MAX_TOKENS = 40

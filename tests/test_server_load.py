@@ -10,7 +10,6 @@ import resource
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 
 import mlx.core as mx  # noqa: E402
@@ -18,7 +17,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_llama4.app.server.app import ServerSettings, create_app  # noqa: E402
 from mlx_llama4.app.server.engine_client import EngineClient  # noqa: E402
 from mlx_llama4.engine import Engine  # noqa: E402
-from server_helpers import ServerThread, demo, expected, openai_client, picture, question  # noqa: E402, F401
+from server_helpers import ServerThread, expected, openai_client, picture, question  # noqa: E402, F401
 
 THREADS, REQUESTS = 16, 64
 

@@ -11,7 +11,6 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_llama4 import load
 from mlx_llama4.structured import JSONConstraint, json_schema_of
 from mlx_llama4.tool_calls import parse_tool_calls, tool_call_schema
 
@@ -55,11 +54,6 @@ TOOLS = [
         "required": ["zone"], "additionalProperties": False}}},
 ]
 SEEDS = [0, 1, 2]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load("demo", dtype=mx.float32)
 
 
 def _generate(demo, constraint, seed, max_tokens, prompt="Describe the picture as JSON."):

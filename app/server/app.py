@@ -1,8 +1,8 @@
-"""The FastAPI application: settings, middlewares, ``/health``, ``/metrics`` and the OpenAI routes.
+"""The FastAPI application: settings, middlewares, ``/health``, ``/metrics``, the OpenAI routes and
+Anthropic's ``/v1/messages``, both routers on the same ``app.state.engine`` and ``app.state.settings``.
 
 Requests pass, outermost first: the request counter (metrics), CORS (only with ``--cors-origin``), the API key
-guard (only with ``--api-key``), the body limit, then the routes. Another API (Anthropic's ``/v1/messages``)
-is one more router on the same ``app.state.engine`` and ``app.state.settings``.
+guard (only with ``--api-key``), the body limit, then the routes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from .anthropic_routes import router as anthropic_router
 from .engine_client import EngineClient
 from .errors import install_handlers
 from .media import MediaPolicy
@@ -22,7 +23,7 @@ from .metrics import CONTENT_TYPE, RequestCounter
 from .openai_routes import router as openai_router
 from .security import ApiKeyGuard, BodyLimit
 
-COUNTED_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+COUNTED_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages")
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,13 @@ def create_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai_router)
+    app.include_router(anthropic_router)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # each middleware added wraps the ones before
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, api_key=settings.api_key)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"])
     app.add_middleware(RequestCounter, metrics=engine.metrics, routes=COUNTED_ROUTES)
     return app

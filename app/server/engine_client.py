@@ -5,6 +5,11 @@ each request gets a small pump thread that moves those events onto the event loo
 disconnect or many waiting requests never block the server; cancelling a ``Generation`` (the client left)
 frees its row at the engine's next step. Refusals become ``APIError``s: a full queue 429, bad input 400, a
 closed engine 503.
+
+Two request features become engine arguments here, so that no other module of the server builds MLX objects:
+a JSON schema the reply must follow (``JSONOutput``: a response format or a forced tool call) becomes a
+per-request logits processor (``mlx_llama4.structured.JSONConstraint``, one per request since it holds the
+sequence's grammar state), and the tools offered are handed to the chat template (``tools=``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ from .metrics import ServerMetrics
 
 
 @dataclass(frozen=True)
+class JSONOutput:
+    """A JSON schema the reply is kept on while sampling; ``field`` names the request field it comes from, so
+    that a schema the grammar engine cannot enforce is refused naming that field."""
+
+    schema: dict
+    field: str
+
+
+@dataclass(frozen=True)
 class Sampling:
     """How to generate one reply: the engine's ``submit`` keywords. ``None`` is the checkpoint's default."""
 
@@ -37,6 +51,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
     logprobs: Optional[int] = None  # None, or how many top alternatives to report per token (0..20)
+    json_output: Optional[JSONOutput] = None  # keep the reply on a JSON schema (not an engine keyword itself)
 
 
 _END = object()
@@ -119,8 +134,10 @@ class EngineClient:
         return cls(Engine(loaded, processor, max_batch=max_batch, max_queue=max_queue,
                           prefix_cache_bytes=prefix_cache_bytes, kv_bits=kv_bits, kv_group_size=kv_group_size))
 
-    async def submit(self, prompt: str | Sequence[dict] | list[int], sampling: Sampling) -> Generation:
-        """Queue a request: chat messages in the Hugging Face format (images as PIL images), or token ids."""
+    async def submit(self, prompt: str | Sequence[dict] | list[int], sampling: Sampling,
+                     tools: Optional[list[dict]] = None) -> Generation:
+        """Queue a request: chat messages in the Hugging Face format (images as PIL images), or token ids.
+        ``tools`` (OpenAI function specs) are rendered into the prompt by the checkpoint's chat template."""
         from mlx_llama4.engine import EngineFull
 
         if self._closed:
@@ -133,9 +150,15 @@ class EngineClient:
         params.update(logprobs=top is not None, top_logprobs=top or 0)
 
         def call() -> None:
-            handles.append(self._engine.submit(prompt, **params))
+            keywords = dict(params)
+            del keywords["json_output"]
+            if sampling.json_output is not None:
+                keywords["logits_processors"] = [self._json_constraint(sampling.json_output)]
+            if tools:
+                keywords["tools"] = tools
+            handles.append(self._engine.submit(prompt, **keywords))
 
-        try:  # tokenizing and preparing images takes a moment: off the event loop
+        try:  # tokenizing, preparing images and compiling a grammar take a moment: off the event loop
             await anyio.to_thread.run_sync(call)
         except anyio.get_cancelled_exc_class():
             for handle in handles:
@@ -147,6 +170,15 @@ class EngineClient:
         except ValueError as e:  # bad image, prompt longer than the context, bad sampling value
             raise APIError(400, str(e)) from None
         return Generation(handles[0], self.metrics, submitted)
+
+    def _json_constraint(self, output: JSONOutput) -> Any:
+        """The logits processor keeping one reply on ``output.schema``; it may end the reply on any end token."""
+        from mlx_llama4.structured import JSONConstraint
+
+        try:
+            return JSONConstraint(self._engine.processor.tokenizer, output.schema, sorted(self._end_tokens))
+        except ValueError as e:  # a schema llguidance cannot enforce: named by the request field it came from
+            raise APIError(400, f"{output.field}: {e}", param=output.field) from None
 
     def stats(self) -> dict:
         return self._engine.stats()
@@ -168,8 +200,8 @@ class EngineClient:
         bos = processor.bos_token_id
         return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._engine.processor.decode(list(ids))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._engine.processor.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def is_end_token(self, token: int) -> bool:
         return token in self._end_tokens

@@ -1,4 +1,6 @@
-"""Errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+"""Errors with the right HTTP status, in the shape of the API the client called: OpenAI's
+``{"error": {"message", "type", "param", "code"}}``, or under ``/v1/messages`` Anthropic's
+``{"type": "error", "error": {"type", "message"}}``.
 
 Every refusal in the server is an ``APIError``; request bodies are parsed here so that malformed JSON and
 wrong fields become a 400 naming the field. The exception handlers installed by ``install_handlers`` make
@@ -21,6 +23,15 @@ M = TypeVar("M", bound=BaseModel)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
           503: "server_error"}
+# Anthropic's (https://docs.anthropic.com/en/api/errors); 503, the server shutting down, is its "overloaded".
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+ANTHROPIC_PATHS = "/v1/messages"  # the routes (this path and below it) that answer in Anthropic's shape
+
+
+def is_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PATHS or path.startswith(ANTHROPIC_PATHS + "/")
 
 
 class APIError(Exception):
@@ -37,8 +48,14 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict:
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error for a request to ``path``, in the shape of the API that path belongs to."""
+        body = self.anthropic_body() if is_anthropic(path) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def field_path(loc: tuple) -> str:
@@ -68,21 +85,22 @@ def parse_body(body: bytes, schema: type[M]) -> M:
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Answer every error in the OpenAI shape, and never with a traceback."""
+    """Answer every error in the shape of the API called, and never with a traceback."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path
         if exc.status_code == 404:
-            return APIError(404, f"no route {request.method} {request.url.path}", code="unknown_url").response()
+            return APIError(404, f"no route {request.method} {path}", code="unknown_url").response(path)
         if exc.status_code == 405:
-            return APIError(405, f"{request.url.path} does not accept {request.method}",
-                            code="method_not_allowed", headers=exc.headers).response()
-        return APIError(exc.status_code, str(exc.detail)).response()
+            return APIError(405, f"{path} does not accept {request.method}",
+                            code="method_not_allowed", headers=exc.headers).response(path)
+        return APIError(exc.status_code, str(exc.detail)).response(path)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, "internal server error (the server log has the details)").response()
+        return APIError(500, "internal server error (the server log has the details)").response(request.url.path)

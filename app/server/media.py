@@ -29,6 +29,8 @@ from PIL import Image
 
 from mlx_llama4.images import ImageError, load_image
 
+from .errors import APIError
+
 MAX_REDIRECTS = 3
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # the web app's limit: a 40-megapixel photo; the model sees <= 16 tiles
 
@@ -164,3 +166,11 @@ async def fetch_image(url: str, policy: MediaPolicy) -> Image.Image:
         return await anyio.to_thread.run_sync(functools.partial(load_image, source, max_pixels=policy.max_pixels))
     except ImageError as e:
         raise MediaError(str(e)) from None
+
+
+async def request_image(url: str, policy: MediaPolicy, where: str) -> Image.Image:
+    """``fetch_image`` for a request field: a refusal is a 400 naming the field (``where``)."""
+    try:
+        return await fetch_image(url, policy)
+    except MediaError as e:
+        raise APIError(400, f"{where}: {e}", param=where, code="invalid_image") from None

@@ -2,16 +2,24 @@
 
 Validation is strict (a string is not a number, ``1.5`` is not a token count) and names the field at fault;
 unknown fields are ignored, as OpenAI's API does. Fields that would change the answer but that this server
-cannot honour (``n`` other than 1, tools, ``logit_bias``, JSON response formats, ``best_of``, ``suffix``) are
+cannot honour (``n`` other than 1, ``logit_bias``, the legacy ``functions``, ``best_of``, ``suffix``) are
 refused with a message that says so, never silently dropped. ``null`` means "the default" for every
 optional field.
+
+Chat messages follow OpenAI's reference (https://platform.openai.com/docs/api-reference/chat/create): an
+assistant message may carry ``tool_calls`` (``function.arguments`` a JSON object as a string) with
+``content: null``; a ``tool`` message carries a call's result and its ``tool_call_id``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
+import json
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from mlx_llama4.structured import json_schema_of
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; the legacy completions API allows 5
 
@@ -99,10 +107,52 @@ class ContentPart(_Body):
         return self
 
 
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionSpec(_Body):
+    name: str = Field(pattern=TOOL_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments object
+    strict: Optional[bool] = None  # accepted: a forced call always follows the schema; an "auto" one is parsed
+
+
+class ToolSpec(_Body):
+    """``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: Any  # a JSON object as a string (OpenAI's form), or the object itself; validated to a dict
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"must be a JSON object as a string; this is not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a JSON object (as a string), got {json.dumps(value)[:60]}")
+        return value
+
+
+class ToolCall(_Body):
+    id: Optional[str] = None  # the template has no call ids: results follow their calls in order
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[list[ContentPart]] = None
     name: Optional[str] = None  # accepted and ignored
+    tool_calls: Optional[list[ToolCall]] = None  # assistant messages: the calls it made
+    tool_call_id: Optional[str] = None  # tool messages: the call answered (accepted; the order says it)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -113,25 +163,59 @@ class ChatMessage(_Body):
             raise ValueError("must be a string or a list of content parts")
         return value
 
+    @model_validator(mode="after")
+    def _fits_its_role(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        if self.role == "tool" and any(part.type != "text" for part in self.content):
+            raise ValueError("a tool result can hold text only (the chat template writes it as JSON text)")
+        return self
+
+    def text(self) -> str:
+        """The text parts joined (the chat template joins them without a separator too)."""
+        return "".join(part.text for part in self.content or [] if part.type == "text")
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens; wins if both given
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[list[Any]] = None
+    tools: Optional[list[ToolSpec]] = None
+    tool_choice: Optional[Any] = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: Optional[bool] = None  # accepted: a forced call is one call; "auto" takes what comes
     functions: Optional[list[Any]] = None
     response_format: Optional[dict[str, Any]] = None
 
-    _no_tools = _refuse("tools", "tool calling is not supported by this server yet")
-    _no_functions = _refuse("functions", "function calling is not supported by this server yet")
+    _no_functions = _refuse("functions", "the legacy 'functions' field is not supported; send 'tools' instead")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value):
+        if value is None or value in ("none", "auto", "required"):
+            return value
+        function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise ValueError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                             f"{{\"name\": ...}}}}, got {json.dumps(value)[:80]}")
+        return {"type": "function", "function": {"name": function["name"]}}
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, value):
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"type {value.get('type')!r} is not supported; only 'text' is")
+    def _response_format(cls, value):
+        if value is None:
+            return value
+        if value.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', got {value.get('type')!r}")
+        json_schema_of(value)  # a ValueError naming what is missing
         return value
+
+    @property
+    def json_schema(self) -> Optional[dict]:
+        """The JSON schema ``response_format`` asks the reply to follow, or None for free text."""
+        return json_schema_of(self.response_format)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -2,12 +2,12 @@
 
 - ``bind_refusal``: the server listens on loopback unless told otherwise, and refuses to listen on any other
   address without an API key unless the operator says, with a flag, that an open server is intended.
-- ``ApiKeyGuard``: with a key set, every route but ``GET /health`` needs ``Authorization: Bearer KEY``
-  (compared in constant time); a request without it gets 401 before any routing, so an unauthenticated client
-  learns nothing about the routes.
+- ``ApiKeyGuard``: with a key set, every route but ``GET /health`` needs it, as OpenAI clients send it
+  (``Authorization: Bearer KEY``) or as Anthropic clients do (``x-api-key: KEY``), compared in constant time; a
+  request without it gets 401 before any routing, so an unauthenticated client learns nothing about the routes.
 - ``BodyLimit``: a request body above the limit gets 413, read no further than the limit.
 
-Both middlewares answer in the OpenAI error shape.
+Both middlewares answer in the error shape of the API the path belongs to (``errors.APIError.response``).
 """
 
 from __future__ import annotations
@@ -47,23 +47,25 @@ def bind_refusal(host: str, api_key: Optional[str], open_server: bool) -> Option
 
 class ApiKeyGuard:
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.key, self.bearer = app, api_key.encode(), f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization")
-        if given is None:
-            error = APIError(401, "missing API key: send it as the header 'Authorization: Bearer KEY'",
-                             code="invalid_api_key")
-        elif not hmac.compare_digest(given, self.expected):
+        headers = dict(scope["headers"])
+        given = [(headers[name], expected) for name, expected in ((b"authorization", self.bearer),
+                                                                  (b"x-api-key", self.key)) if name in headers]
+        if not given:
+            error = APIError(401, "missing API key: send it as the header 'Authorization: Bearer KEY' (or "
+                                  "'x-api-key: KEY')", code="invalid_api_key")
+        elif not any(hmac.compare_digest(value, expected) for value, expected in given):
             error = APIError(401, "invalid API key", code="invalid_api_key")
         else:
             await self.app(scope, receive, send)
             return
         error.headers = {"WWW-Authenticate": "Bearer"}
-        await error.response()(scope, receive, send)
+        await error.response(scope["path"])(scope, receive, send)
 
 
 class BodyLimit:
@@ -72,9 +74,9 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def _too_large(self) -> APIError:
+    def _too_large(self, scope: Scope) -> ASGIApp:
         return APIError(413, f"the request body is larger than the limit of {self.max_bytes} bytes "
-                             "(the server's --max-body-mb)", code="request_too_large")
+                             "(the server's --max-body-mb)", code="request_too_large").response(scope["path"])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,7 +84,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large().response()(scope, receive, send)
+            await self._too_large(scope)(scope, receive, send)
             return
         body = bytearray()
         while True:
@@ -91,7 +93,7 @@ class BodyLimit:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                await self._too_large().response()(scope, receive, send)
+                await self._too_large(scope)(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break

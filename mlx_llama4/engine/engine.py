@@ -95,18 +95,19 @@ class Engine:
     # ---- the caller's side -----------------------------------------------------------------------
 
     def submit(self, prompt: str | Sequence[dict] | Sequence[int], images: Optional[Sequence[Any]] = None,
-               **sampling: Any) -> Handle:
+               tools: Optional[Sequence[dict]] = None, **sampling: Any) -> Handle:
         """Queue a request and return its handle at once.
 
         ``prompt``: a string (one user turn, after ``images``), chat messages in the Hugging Face format (image
-        parts inline or taking ``images`` in order), or token ids (a raw completion). Keywords are the fields of
+        parts inline or taking ``images`` in order), or token ids (a raw completion). ``tools`` (function specs)
+        go into the prompt through the checkpoint's chat template. Keywords are the fields of
         ``SamplingParams`` (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, logit_bias, seed, stop, logprobs, top_logprobs, logits_processors).
         Raises ValueError for bad input (naming it), EngineFull when ``max_batch + max_queue`` requests are
         already in the engine, RuntimeError once the engine is closed.
         """
         params = SamplingParams(**sampling).resolved(self._defaults, self.model.config.text.vocab_size)
-        prepared = prepare_prompt(self.model, self.processor, prompt, images)
+        prepared = prepare_prompt(self.model, self.processor, prompt, images, tools)
         room = self.model.config.text.max_position_embeddings - len(prepared)
         with self._lock:
             if self._closed:
