@@ -144,3 +144,19 @@ def test_long_prompts_do_not_trip_the_tokenizer_length_warning(processor, caplog
     with caplog.at_level(logging.WARNING):
         assert len(processor.encode("shape " * 5000)) > 4096
     assert not [r for r in caplog.records if "sequence length" in r.getMessage()]
+
+
+def test_tools_reach_the_chat_template(demo):
+    """``tools=`` renders the function specs through the checkpoint's template, as transformers would."""
+    model, processor = demo
+    tools = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"expression": {"type": "string"}},
+                                                              "required": ["expression"]}}}]
+    question = [{"role": "user", "content": "What is 17 times 23?"}]
+    templated = processor.apply_chat_template(question, tools=tools)
+    assert '"name": "calculator"' in templated
+    kw = dict(max_tokens=6, temperature=0.0)
+    assert generate(model, processor, question, tools=tools, **kw) == generate(model, processor, templated, **kw)
+    assert processor(messages=question, tools=tools)["input_ids"].shape[1] > processor(messages=question)[
+        "input_ids"].shape[1]
