@@ -266,6 +266,32 @@ def test_stop_while_waiting_leaves_a_note_and_retry(browser, one_row, engine_spy
     other.close()
 
 
+def test_closing_a_tab_cancels_its_reply(browser, one_row, engine_spy):
+    """A closed tab's reply leaves the engine: a waiting one before it ever gets a row, a running one at once."""
+    app, url = one_row
+    engine = app.holder.current.engine
+    engine_spy.delay = 0.2  # the running reply takes 12 s
+    page, other = browser.new_page(), browser.new_page()
+    for p in (page, other):
+        p.goto(url)
+        p.locator("#message textarea").wait_for(timeout=30_000)
+    page.locator("#message textarea").fill("A long one")
+    page.locator("#message textarea").press("Enter")
+    _reply_longer_than(page, len(_bot_text(page).strip()))
+    other.locator("#message textarea").fill("Waiting")
+    other.locator("#message textarea").press("Enter")
+    _until(lambda: engine.stats()["queued"] == 1)
+    (_, running), (_, waiting) = engine_spy.requests
+    other.close()
+    _until(lambda: engine_spy.final(waiting) is not None)
+    assert waiting.cancelled and engine_spy.final(waiting).completion_tokens == 0
+    assert engine_spy.final(running) is None  # the other reply still has the row
+    page.close()
+    _until(lambda: engine_spy.final(running) is not None)
+    assert running.cancelled and engine_spy.final(running).completion_tokens < MAX_TOKENS
+    assert engine.stats()["running"] == 0
+
+
 def test_corner_buttons_do_not_cover_the_chat(browser, url, engine_spy):
     """The chat's label and corner buttons sit above the scrolling conversation, even when it is scrolled."""
     page = browser.new_page()
