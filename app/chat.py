@@ -32,7 +32,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel photo; Llama 4 sees at m
 # --max-image-pixels can go up to the processor's own decompression-bomb limit, which stays in force.
 MAX_IMAGE_PIXELS_LIMIT = LIBRARY_MAX_PIXELS
 READING = "Reading the prompt…"
-BUSY = ("The model is busy: every place in its batch and its queue is taken. Try again in a moment.")
+BUSY = "The model is busy: every place in its batch and its queue is taken. Try again in a moment."
 HEARTBEAT = 0.5  # seconds: how often a waiting reply checks in, so that a closed tab is noticed
 
 
@@ -156,7 +156,7 @@ async def _events(handle: Handle) -> AsyncIterator[list[Event]]:
     """``handle``'s events in batches (all that arrived since the last batch, so that a slow browser gets
     fewer, larger updates), and an empty batch whenever ``HEARTBEAT`` seconds pass without one.
 
-    A thread of its own waits on the handle, so a waiting reply holds none of the server's threads.
+    A thread of its own waits on the handle, so a waiting reply holds none of Gradio's worker threads.
     """
     loop = asyncio.get_running_loop()
     arrived: asyncio.Queue[Event] = asyncio.Queue()

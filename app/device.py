@@ -2,10 +2,10 @@
 
 One model per process: ``ModelHolder`` holds it as a ``LoadedModel`` (the model, its processor and its
 ``mlx_llama4.engine.Engine``, whose one device thread runs every session's reply in one batch) and swaps it
-under a lock. Handlers never touch MLX: replies go through the engine, and a model loads on a thread of its
-own (``on_own_thread``). MLX keeps streams per thread, and a thread that ran MLX work must let them go before
-it ends, or the process may abort at exit; Gradio's pool threads live on and never would, so loading is not
-done on them.
+under a lock. Handlers run no MLX computation: replies go through the engine, and a model loads on a thread
+of its own (``on_own_thread``). MLX keeps streams per thread, and a thread that ran MLX work must let them go
+before it ends, or the process may abort at exit; Gradio's pool threads live on and never would, so loading
+is not done on them.
 """
 
 from __future__ import annotations
