@@ -1,34 +1,39 @@
-"""Per-session chat state, image checks and the generation worker behind both the web UI and the API.
+"""Per-session chat state, image checks, and a reply streamed from the batching engine.
 
-``stream_reply`` turns a conversation (``Turn``s from ``history.normalize_history``) into a stream of
-``ReplyUpdate``s: prefill progress, the growing reply, and finally the statistics. The MLX work runs on
-the device thread (``device.DeviceWorker``); closing the stream stops it after the current step, and a
-prefill in progress is abandoned at its next progress report.
+``stream_reply`` turns a conversation (``Turn``s from ``history.normalize_history``) into an async stream of
+``ReplyUpdate``s: "Reading the prompt…" until the first token, the growing reply, and finally the statistics.
+A reply is one request to the loaded model's engine (``mlx_llama4.engine``), generated in one batch with the
+other sessions' replies; closing the stream (Stop, Clear, a closed tab) cancels the request, and the engine
+frees its row at its next step. The engine's prefix cache, shared by all sessions, lets a follow-up turn
+reuse what the conversation's previous turns computed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, AsyncIterator, Optional, Sequence
 
+import anyio
 from PIL import Image
 
-from mlx_llama4 import PromptCache, stream_generate
+from mlx_llama4.engine import EngineFull, Event, Handle
 from mlx_llama4.images import DEFAULT_MAX_PIXELS as LIBRARY_MAX_PIXELS
 from mlx_llama4.images import ImageError, load_image
 
-from .device import LoadedModel, ModelHolder, Stopped
+from .device import LoadedModel, ModelHolder
 from .history import Turn, to_model_messages
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel photo; Llama 4 sees at most 16 tiles of 336 px anyway
 # --max-image-pixels can go up to the processor's own decompression-bomb limit, which stays in force.
 MAX_IMAGE_PIXELS_LIMIT = LIBRARY_MAX_PIXELS
-PREFILL_STEP = 512  # tokens per prefill step: how soon Stop takes effect while a long prompt is read
+READING = "Reading the prompt…"
+BUSY = "The model is busy: every place in its batch and its queue is taken. Try again in a moment."
+HEARTBEAT = 0.5  # seconds: how often a waiting reply checks in, so that a closed tab is noticed
 
 
 @dataclass
@@ -43,59 +48,30 @@ class Settings:
 
 @dataclass
 class ReplyUpdate:
-    """One step of a reply: the text so far, a status while the prompt is read, the final stats or an error."""
+    """One step of a reply: the text so far, a status while the prompt is read, the final stats, an error
+    (a reply that failed; with no text, one that never began), or why a reply was cut short."""
 
     text: str = ""
     status: Optional[str] = None
     stats: Optional[dict] = None
     error: Optional[str] = None
-
-
-MAX_CACHED_SESSIONS = 4  # prompt caches kept at once (the least recently used session rebuilds its own)
-_SESSIONS: "weakref.WeakSet[ChatSession]" = weakref.WeakSet()
-_RECENT: "OrderedDict[int, weakref.ref]" = OrderedDict()
+    stopped: Optional[str] = None
 
 
 class ChatSession:
-    """One browser tab's (or API client's) state: its prompt cache, for the API its history, and for the page
-    what one event leaves to the next (a message that was not sent, a Clear during a reply).
-
-    Kept in a ``gr.State``; the cache belongs to one loaded model and is rebuilt when the model changes,
-    and only the ``MAX_CACHED_SESSIONS`` most recently active sessions keep theirs.
-    """
+    """One browser tab's (or API client's) state: for the API its history, and for the page what one event
+    leaves to the next (a message that was not sent, a Clear during a reply). Kept in a ``gr.State``."""
 
     def __init__(self) -> None:
-        self.cache: Optional[PromptCache] = None
-        self.cache_generation = -1
         self.api_history: list[dict] = []
         self.unsent: Optional[dict] = None  # a message whose reply failed before it began, for the textbox
         self.cleared = False  # Clear was pressed since the last message was sent
-        _SESSIONS.add(self)
 
     def __deepcopy__(self, memo: dict) -> "ChatSession":  # gr.State copies its initial value per session
         return ChatSession()
 
     def reset(self) -> None:
-        self.cache, self.cache_generation, self.api_history = None, -1, []
-
-    def prompt_cache(self, loaded: LoadedModel) -> PromptCache:
-        """This session's cache for ``loaded`` (called on the device thread)."""
-        if self.cache is None or self.cache_generation != loaded.generation:
-            self.cache, self.cache_generation = PromptCache(loaded.model), loaded.generation
-        _RECENT.pop(id(self), None)
-        _RECENT[id(self)] = weakref.ref(self)
-        while len(_RECENT) > MAX_CACHED_SESSIONS:  # bound the memory that idle conversations hold
-            _, ref = _RECENT.popitem(last=False)
-            session = ref()
-            if session is not None:
-                session.cache, session.cache_generation = None, -1
-        return self.cache
-
-
-def release_all_caches() -> None:
-    """Drop every session's prompt cache (they refer to the model being unloaded)."""
-    for session in list(_SESSIONS):
-        session.cache, session.cache_generation = None, -1
+        self.api_history = []
 
 
 def upload_dirs() -> list[Path]:
@@ -155,82 +131,132 @@ def format_stats(stats: dict) -> str:
     """The line shown under a reply: which model wrote it, and how fast."""
     model = stats.get("model")
     line = f"{Path(model).name or model} · " if model else ""
-    line += (f"first token {stats['time_to_first_token']:.2f} s · prompt {stats['prompt_tokens']} tok at "
-             f"{stats['prompt_tps']:.1f} tok/s · reply {stats['generation_tokens']} tok at "
-             f"{stats['generation_tps']:.1f} tok/s · peak memory {stats['peak_memory']:.2f} GB")
+    cached = f" ({stats['cached_tokens']} cached)" if stats.get("cached_tokens") else ""
+    line += (f"first token {stats['time_to_first_token']:.2f} s · prompt {stats['prompt_tokens']} tok{cached} · "
+             f"reply {stats['generation_tokens']} tok at {stats['generation_tps']:.1f} tok/s · "
+             f"peak memory {stats['peak_memory']:.2f} GB")
     if stats.get("finish_reason") == "length":
         line += " · stopped at the token limit"
     return line
 
 
-@dataclass
-class _Prefill:
-    done: int = 0
-    total: int = 0
-    stop: threading.Event = field(default_factory=threading.Event)
+def _stats(last: Event, model: str, submitted_at: float) -> dict:
+    """The final event's counts, with the reply's speed after its first token and the process's peak memory."""
+    import mlx.core as mx
 
-    def __call__(self, done: int, total: int) -> None:  # runs on the device thread, inside the prefill
-        if self.stop.is_set():
-            raise Stopped
-        self.done, self.total = done, total
+    elapsed = time.perf_counter() - submitted_at - (last.time_to_first_token or 0.0)
+    return dict(prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
+                generation_tokens=last.completion_tokens,
+                generation_tps=(last.completion_tokens - 1) / elapsed if elapsed > 0 else 0.0,
+                time_to_first_token=last.time_to_first_token, peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=last.finish_reason, model=model)
 
 
-def stream_reply(holder: ModelHolder, session: ChatSession, turns: list[Turn], settings: Settings,
-                 allowed_dirs: Optional[Sequence[Path]] = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None) -> Iterator[ReplyUpdate]:
-    """The assistant's reply to ``turns`` (which end with a user turn), streamed.
+async def _events(handle: Handle) -> AsyncIterator[list[Event]]:
+    """``handle``'s events in batches (all that arrived since the last batch, so that a slow browser gets
+    fewer, larger updates), and an empty batch whenever ``HEARTBEAT`` seconds pass without one.
 
-    Problems the user can fix (a bad, oversized or foreign image, a conversation longer than the context,
-    no model loaded) end the stream with ``error`` set; nothing is raised for them. ``kv_bits`` quantizes
-    the KV cache (``kv_group_size`` None: the library picks one the head size allows).
+    A thread of its own waits on the handle, so a waiting reply holds none of Gradio's worker threads.
     """
-    loaded = holder.current
-    if loaded is None:
-        yield ReplyUpdate(error="No model is loaded; pick one in the model list.")
-        return
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Queue[Event] = asyncio.Queue()
+
+    def pump() -> None:
+        for event in handle:
+            try:
+                loop.call_soon_threadsafe(arrived.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+                handle.cancel()
+
+    threading.Thread(target=pump, name="reply-events", daemon=True).start()
+    while True:
+        try:
+            batch = [await asyncio.wait_for(arrived.get(), HEARTBEAT)]
+        except asyncio.TimeoutError:
+            yield []
+            continue
+        while not arrived.empty():
+            batch.append(arrived.get_nowait())
+        yield batch
+        if batch[-1].finish_reason is not None:
+            return
+
+
+def _submit(loaded: LoadedModel, turns: list[Turn], settings: Settings, allowed_dirs: Sequence[Path],
+            max_pixels: int) -> tuple[Handle, float]:
+    """Check the conversation's images and hand it to the engine (blocking: the prompt is tokenized and its
+    images read here); the handle and when the engine took it. ValueError says what the user can fix,
+    EngineFull that the engine has no room, RuntimeError that it is closed."""
     images = [image for turn in turns for image in turn.images]
     # Where the images come from and how large they are; decoding problems surface from the processor.
-    problems = check_images(images, upload_dirs() if allowed_dirs is None else allowed_dirs, max_pixels,
-                            decode=False)
+    problems = check_images(images, allowed_dirs, max_pixels, decode=False)
     if problems:
-        yield ReplyUpdate(error="\n".join(problems))
-        return
-    messages = to_model_messages(turns, settings.system)
-    prefill = _Prefill()
-
-    def generate():
-        return stream_generate(
-            loaded.model, loaded.processor, messages, max_tokens=int(settings.max_tokens),
-            temperature=float(settings.temperature), top_p=float(settings.top_p),
-            kv_bits=kv_bits, kv_group_size=kv_group_size, prompt_cache=session.prompt_cache(loaded),
-            prefill_step_size=PREFILL_STEP, progress=prefill)
-
-    text, last = "", None
-    yield ReplyUpdate(status="Reading the prompt…")
-    batches = holder.worker.stream(generate, prefill.stop)
+        raise ValueError("\n".join(problems))
     try:
-        for batch in batches:
-            if not batch:  # a heartbeat: yield anyway, so that a Stop can close this generator now
-                if last is None and prefill.total:
-                    yield ReplyUpdate(status=f"Reading the prompt… {100 * prefill.done // prefill.total}%")
-                else:
-                    yield ReplyUpdate(text=text, status=None if last else "Reading the prompt…")
-                continue
-            last = batch[-1]
-            text += "".join(chunk.text for chunk in batch)
-            yield ReplyUpdate(text=text)
+        handle = loaded.engine.submit(to_model_messages(turns, settings.system), max_tokens=int(settings.max_tokens),
+                                      temperature=float(settings.temperature), top_p=float(settings.top_p))
+        return handle, time.perf_counter()
     except ValueError as e:  # ImageError, ProcessorError, a prompt longer than the context
         message = str(e)
         for image in images:  # name uploads by their file names, not by where the server keeps them
             if isinstance(image, (str, Path)):
                 message = message.replace(str(image), os.path.basename(str(image)))
-        yield ReplyUpdate(text=text, error=message)
-        return
-    finally:
-        batches.close()  # on Stop: the device side stops after its current step
-    if last is not None:
-        stats = {k: getattr(last, k) for k in ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps",
-                                                "time_to_first_token", "peak_memory", "finish_reason")}
-        stats["model"] = loaded.name
-        yield ReplyUpdate(text=text, stats=stats)
+        raise ValueError(message) from None
 
+
+async def stream_reply(holder: ModelHolder, turns: list[Turn], settings: Settings,
+                       allowed_dirs: Optional[Sequence[Path]] = None,
+                       max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> AsyncIterator[ReplyUpdate]:
+    """The assistant's reply to ``turns`` (which end with a user turn), streamed.
+
+    Problems the user can fix (a bad, oversized or foreign image, a conversation longer than the context,
+    no model loaded, an engine with no room) end the stream with ``error`` set; nothing is raised for them.
+    A reply whose model is switched away ends with ``stopped`` set (or ``error``, if it had not begun).
+    """
+    loaded = holder.current
+    if loaded is None:
+        yield ReplyUpdate(error="No model is loaded; pick one in the model list.")
+        return
+    yield ReplyUpdate(status=READING)
+    submitted: list[tuple[Handle, float]] = []  # filled in a worker thread: a Stop during submit finds it too
+    finished = False
+    try:
+        try:
+            await anyio.to_thread.run_sync(lambda: submitted.append(_submit(
+                loaded, turns, settings, upload_dirs() if allowed_dirs is None else allowed_dirs, max_pixels)))
+        except EngineFull:
+            yield ReplyUpdate(error=BUSY)
+            return
+        except ValueError as e:
+            yield ReplyUpdate(error=str(e))
+            return
+        except RuntimeError:  # the engine closed meanwhile: its model was switched away
+            yield ReplyUpdate(error=_switched(loaded, holder))
+            return
+        handle, submitted_at = submitted[0]
+        text, started = "", False
+        async for batch in _events(handle):
+            text += "".join(event.text for event in batch)
+            started = started or any(event.token is not None for event in batch)
+            last = batch[-1] if batch else None
+            if last is None or last.finish_reason is None:
+                yield ReplyUpdate(text=text, status=None if started else READING)
+                continue
+            finished = True
+            if last.finish_reason == "error":
+                yield ReplyUpdate(text=text, error=f"Generation failed: {last.error}")
+            elif last.finish_reason == "cancelled" and text:  # not by this stream: the engine was closed
+                yield ReplyUpdate(text=text, stopped=_switched(loaded, holder))
+            elif last.finish_reason == "cancelled":
+                yield ReplyUpdate(error=_switched(loaded, holder))
+            else:
+                yield ReplyUpdate(text=text, stats=_stats(last, loaded.name, submitted_at))
+    finally:
+        if submitted and not finished:
+            submitted[0][0].cancel()  # Stop, Clear or a closed tab: the engine frees the row at its next step
+
+
+def _switched(loaded: LoadedModel, holder: ModelHolder) -> str:
+    """Why a reply of ``loaded`` was cut: its engine closed, as the process switched to another model."""
+    now = holder.loading or (holder.current.name if holder.current else None)
+    return f"The model was switched to {now or 'another one'} before this reply was finished."

@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.6, help="initial temperature (default: 0.6)")
     p.add_argument("--top-p", type=float, default=0.9, help="initial top-p (default: 0.9)")
     p.add_argument("--max-tokens", "-m", type=int, default=512, help="initial max tokens per reply (default: 512)")
+    p.add_argument("--max-batch", type=_int_between(1, 1024), default=8,
+                   help="replies generated together in one batch (default: 8); more wait in the engine's queue")
     p.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
                    help="quantize the KV cache of every layer to these bits (default: no quantization)")
     p.add_argument("--kv-group-size", type=_int_between(1, 1024), default=None,
@@ -68,15 +70,16 @@ def check_address(host: str, port: int) -> Optional[str]:
 
 def make_app(args: argparse.Namespace, holder=None):
     """The app for parsed ``args`` around ``holder`` (a ModelHolder; a new one if None)."""
-    from .device import DeviceWorker, ModelHolder
+    from .device import EngineOptions, ModelHolder
     from .handlers import AppConfig, ChatApp
 
-    holder = holder or ModelHolder(DeviceWorker())
+    holder = holder or ModelHolder(engine=EngineOptions(max_batch=args.max_batch, kv_bits=args.kv_bits,
+                                                        kv_group_size=args.kv_group_size))
     config = AppConfig(
         models_dirs=list(args.models_dir) or [Path.cwd()], include_hf_cache=not args.no_hf_cache,
         max_image_pixels=args.max_image_pixels,
         defaults=Settings(args.system, args.temp, args.top_p, args.max_tokens),
-        max_tokens_limit=max(4096, args.max_tokens), kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+        max_tokens_limit=max(4096, args.max_tokens))
     return ChatApp(holder, config)
 
 

@@ -1,150 +1,71 @@
-"""The one thread that touches MLX, and the process-wide holder of the loaded model.
+"""The process-wide model and the batching engine that answers every session with it.
 
-MLX streams are thread-local and a lazy graph must be evaluated on the thread that built it, while Gradio
-runs handlers on a pool of threads. So every MLX call (loading a model, building a prompt cache, every
-generation step) runs on a single ``DeviceWorker`` thread, one job at a time; handlers only wait for
-results. ``DeviceWorker.stream`` runs an iterator there and hands its items over, and closing the
-consumer (what Gradio does when Stop is pressed) closes the iterator on the device thread, which stops
-the MLX work between two steps.
+One model per process: ``ModelHolder`` holds it as a ``LoadedModel`` (the model, its processor and its
+``mlx_llama4.engine.Engine``, whose one device thread runs every session's reply in one batch) and swaps it
+under a lock. Handlers run no MLX computation: replies go through the engine, and a model loads on a thread
+of its own (``on_own_thread``). MLX keeps streams per thread, and a thread that ran MLX work must let them go
+before it ends, or the process may abort at exit; Gradio's pool threads live on and never would, so loading
+is not done on them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-_ITEM, _ERROR, _DONE = "item", "error", "done"
 
+def on_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` run on a new thread that lets its MLX streams go before it ends; its result or exception.
 
-class Stopped(Exception):
-    """Raised on the device thread (from a progress callback) to abandon work the consumer no longer wants."""
+    The thread is a daemon, so that quitting during a long load does not wait for it. What it built must be
+    evaluated (``mlx_llama4.load`` evaluates the weights), so that other threads can use it.
+    """
+    outcome: dict[str, Any] = {}
 
+    def run() -> None:
+        import mlx.core as mx
 
-class DeviceWorker:
-    """A single daemon thread that runs submitted jobs in order (a daemon, so that quitting the app never
-    waits for a long reply to finish)."""
-
-    def __init__(self, name: str = "mlx-device"):
-        self._jobs: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._running = 0
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            job()
-
-    @property
-    def idle(self) -> bool:
-        """True when no job is queued or running."""
-        with self._lock:
-            return self._running == 0
-
-    def _submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
-        with self._lock:
-            self._running += 1
-
-        def job() -> None:
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args, **kwargs))
-                    except BaseException as e:  # handed to the caller
-                        future.set_exception(e)
-            finally:
-                with self._lock:
-                    self._running -= 1
-
-        self._jobs.put(job)
-        return future
-
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` on the device thread and return its result (or raise its exception)."""
-        return self._submit(fn, *args, **kwargs).result()
-
-    def stream(self, make_iterator: Callable[[], Iterator[T]], stop: threading.Event,
-               heartbeat: float = 0.25) -> Iterator[list[T]]:
-        """Iterate ``make_iterator()`` on the device thread and yield its items here, in batches.
-
-        Each batch holds every item that arrived since the last one (so a slow consumer, such as a browser
-        re-rendering the chat, gets fewer, larger updates); an empty batch is yielded whenever
-        ``heartbeat`` seconds pass without an item, so that a consumer waiting on a long step (a prefill)
-        can still be closed. Closing the returned generator sets ``stop``; the device side then closes
-        the iterator after its current step. Exceptions are re-raised here.
-        """
-        items: queue.Queue = queue.Queue()
-
-        def pump() -> None:
-            iterator = None
-            try:
-                if stop.is_set():  # stopped while waiting for the device: nothing to start
-                    return
-                iterator = make_iterator()
-                for item in iterator:
-                    items.put((_ITEM, item))
-                    if stop.is_set():
-                        break
-            except Stopped:
-                pass
-            except BaseException as e:  # handed to the consumer
-                items.put((_ERROR, e))
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-                items.put((_DONE, None))
-
-        self._submit(pump)
         try:
-            while True:
-                try:
-                    received = [items.get(timeout=heartbeat)]
-                except queue.Empty:
-                    yield []
-                    continue
-                while True:
-                    try:
-                        received.append(items.get_nowait())
-                    except queue.Empty:
-                        break
-                batch = [value for kind, value in received if kind == _ITEM]
-                if batch:
-                    yield batch
-                for kind, value in received:
-                    if kind == _ERROR:
-                        raise value
-                    if kind == _DONE:
-                        return
+            outcome["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
         finally:
-            stop.set()
+            mx.synchronize()
+            mx.clear_streams()
 
-    def shutdown(self) -> None:
-        """Let the thread end after the jobs already submitted."""
-        self._jobs.put(None)
+    thread = threading.Thread(target=run, name="mlx-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How each loaded model's engine runs (``--max-batch``, ``--kv-bits``, ``--kv-group-size``)."""
+
+    max_batch: int = 8  # replies generated together; the engine queues the others
+    max_queue: int = 64  # replies waiting for a row; past that a reply is refused ("busy")
+    kv_bits: Optional[int] = None
+    kv_group_size: Optional[int] = None  # None: one the model's head size allows
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model and its processor; ``generation`` counts loads, so prompt caches can tell models apart."""
+    """A model, its processor, and the engine that generates with them."""
 
     name: str
     model: Any
     processor: Any
-    generation: int
+    engine: Any  # mlx_llama4.engine.Engine
 
 
 Progress = Callable[[float, str], None]
@@ -211,25 +132,22 @@ def _free_memory() -> None:
 
 
 class ModelHolder:
-    """The process-wide loaded model: one at a time, swapped under a lock, loaded on the device thread.
+    """The process-wide loaded model and its engine: one at a time, swapped under a lock.
 
     A new model loads next to the current one when both fit in memory (``FIT``: the memory in use plus
     the new model's size, at most this share of ``memory_bytes()``) and replaces it only once loaded, so a
     failed load changes nothing. When both do not fit, the current model is released first and, if the new
     one fails to load, loaded again. Either way a name, folder or config that is plainly wrong fails before
-    anything is released. ``on_release`` callbacks run when a model is let go, so that whatever refers to
-    it (per-session prompt caches) can let go of it too.
+    anything is released. Releasing a model closes its engine: replies still in it end as "cancelled".
     """
 
     FIT = 0.9
 
-    def __init__(self, worker: DeviceWorker, loader: Optional[Callable[[Any], tuple]] = None):
-        self.worker = worker
+    def __init__(self, loader: Optional[Callable[[Any], tuple]] = None, engine: EngineOptions = EngineOptions()):
         self._loader = loader
+        self.engine_options = engine
         self._lock = threading.Lock()
         self._current: Optional[LoadedModel] = None
-        self._generation = 0
-        self.on_release: list[Callable[[], None]] = []
         self.loading: Optional[str] = None
 
     @property
@@ -237,11 +155,12 @@ class ModelHolder:
         return self._current
 
     def load(self, name: str, progress: Optional[Progress] = None) -> LoadedModel:
-        """Load ``name`` (a folder, a Hub repo id or "demo") and make it current.
+        """Load ``name`` (a folder, a Hub repo id or "demo"), start its engine and make it current.
 
         Hub downloads run on the calling thread (so tqdm progress bars show there); reading the weights
-        runs on the device thread. Raises what ``mlx_llama4.load`` raises (FileNotFoundError, ValueError);
-        the previous model is then current again.
+        runs on a thread of its own. Raises what ``mlx_llama4.load`` raises (FileNotFoundError, ValueError;
+        a ValueError too for KV quantization options this model cannot take); the previous model is then
+        current again.
         """
         report = progress or (lambda fraction, text: None)
         with self._lock:
@@ -252,32 +171,45 @@ class ModelHolder:
             previous = self._current.name if self._current is not None else None
             self.loading = name
             try:
-                side_by_side = previous is None or self.worker.call(self._fits, source)
+                side_by_side = previous is None or self._fits(source)
                 if not side_by_side:
                     report(0.2, f"Unloading {previous}: there is no room for both models")
-                    self._current = None
-                    self._let_go()
+                    self._replace(None)
                 report(0.3, f"Loading {name}")
                 try:
-                    loaded = self.worker.call(self._load_fn(), source)
+                    loaded = self._start(name, source)
                 except Exception:
                     if not side_by_side:
                         self._restore(previous, report)
                     raise
-                self._install(name, loaded)
-                del loaded
-                if previous is not None and side_by_side:
-                    self._let_go()
+                self._replace(loaded)  # side by side: the old model answered until now
             finally:
                 self.loading = None
             report(1.0, f"Loaded {name}")
             return self._current
 
+    def close(self) -> None:
+        """Close the current model's engine (replies still running end as "cancelled") and let it go."""
+        with self._lock:
+            self._replace(None)
+
+    def _start(self, name: str, source: Any) -> LoadedModel:
+        """Load ``source`` and start an engine on it."""
+        from mlx_llama4.engine import Engine
+        from mlx_llama4.generation import kv_group_size_for
+
+        model, processor = on_own_thread(self._load_fn(), source)
+        options = self.engine_options
+        engine = Engine(model, processor, max_batch=options.max_batch, max_queue=options.max_queue,
+                        kv_bits=options.kv_bits,
+                        kv_group_size=kv_group_size_for(model, options.kv_bits, options.kv_group_size))
+        return LoadedModel(name, model, processor, engine)
+
     def _restore(self, name: str, report: Progress) -> None:
         """Load ``name`` again after a failed switch; if that fails too, no model is current."""
         report(0.6, f"Loading {name} again")
         try:
-            self._install(name, self.worker.call(self._load_fn(), _locate(name, report)))
+            self._current = self._start(name, _locate(name, report))
         except Exception as e:  # the caller reports the first error; this one goes to the log
             log.error("could not load %s again: %s", name, e)
 
@@ -289,17 +221,15 @@ class ModelHolder:
         return load
 
     def _fits(self, source: Any) -> bool:
-        """Whether ``source`` can load while the current model stays (run on the device thread)."""
+        """Whether ``source`` can load while the current model stays."""
         import mlx.core as mx
 
         return mx.get_active_memory() + _bytes_needed(source) <= self.FIT * memory_bytes()
 
-    def _install(self, name: str, loaded: tuple) -> None:
-        self._generation += 1
-        self._current = LoadedModel(name, loaded[0], loaded[1], self._generation)
-
-    def _let_go(self) -> None:
-        """After the current model was replaced or dropped: release what refers to the old one, free memory."""
-        for callback in self.on_release:
-            callback()
-        self.worker.call(_free_memory)
+    def _replace(self, new: Optional[LoadedModel]) -> None:
+        """Make ``new`` (None: no model) current; close the old model's engine and free its memory."""
+        old, self._current = self._current, new
+        if old is not None:
+            old.engine.close()
+            del old
+            _free_memory()

@@ -1,9 +1,10 @@
 """What the page's events run: sending, streaming the reply, retry, undo, clear, the API, the model picker.
 
-The chat's value (what the browser sends back) is the conversation; ``history.normalize_history`` reads it.
-Notes (stats lines, errors, progress) are assistant messages with a metadata title, shown but never
-part of the prompt. Every event that ends a reply (finished, stopped, failed, cleared) is followed by
-``finish``, which settles what the chat and the textbox show.
+Replies (``respond``, ``api_chat``) are async generators: a reply waiting for the engine holds no server
+thread, and Stop cancels it at once. The chat's value (what the browser sends back) is the conversation;
+``history.normalize_history`` reads it. Notes (stats lines, errors, progress) are assistant messages with a
+metadata title, shown but never part of the prompt. Every event that ends a reply (finished, stopped,
+failed, cleared) is followed by ``finish``, which settles what the chat and the textbox show.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 import gradio as gr
 
 from .chat import (DEFAULT_MAX_IMAGE_PIXELS, ChatSession, ReplyUpdate, Settings, check_images, format_stats,
-                   release_all_caches, stream_reply, upload_dirs)
+                   stream_reply, upload_dirs)
 from .device import ModelHolder
 from .history import ends_with_user_turn, is_note, last_user_span, normalize_history
 from .models import discover_models, with_current
@@ -41,8 +42,6 @@ class AppConfig:
     defaults: Settings = field(default_factory=Settings)
     max_tokens_limit: int = 4096
     title: str = "Llama 4 · MLX"
-    kv_bits: Optional[int] = None
-    kv_group_size: Optional[int] = None  # None: the library picks one the head size allows
 
 
 def note(title: str, text: str = "", status: Optional[str] = None) -> dict:
@@ -96,8 +95,6 @@ class ChatApp:
         self.holder = holder
         self.config = config or AppConfig()
         self._found: Optional[list[tuple[str, str]]] = None  # the picker's models, from the last scan
-        if release_all_caches not in holder.on_release:
-            holder.on_release.append(release_all_caches)
 
     # ---- sending, retrying, undoing -------------------------------------------------------------------
 
@@ -150,10 +147,10 @@ class ChatApp:
     def finish(self, history: Optional[list], session: ChatSession) -> tuple[Any, list]:
         """After a reply ends, is stopped or fails: unlock the textbox and say how the reply ended.
 
-        A reply cut by Stop gets a "Stopped" note, a message stopped before its reply began (still reading
-        the prompt, or waiting in the queue) gets one too, so Retry can answer it; a message that was not
-        sent goes back into the textbox; after Clear the chat stays empty, whatever the stopped reply
-        streamed meanwhile.
+        A reply cut by Stop gets a "Stopped" note, a message stopped before its reply began (its prompt
+        still being read, or waiting for a place in the batch) gets one too, so Retry can answer it; a
+        message that was not sent goes back into the textbox; after Clear the chat stays empty, whatever
+        the stopped reply streamed meanwhile.
         """
         draft, session.unsent = session.unsent, None
         if session.cleared:
@@ -165,17 +162,17 @@ class ChatApp:
             history.append(note(STOPPED, status="done"))
         return (_textbox(False, value=draft) if draft else _textbox(False)), history
 
-    def respond(self, history: Optional[list], session: ChatSession, system: str, temperature: float,
-                top_p: float, max_tokens: float) -> Iterator[list]:
+    async def respond(self, history: Optional[list], session: ChatSession, system: str, temperature: float,
+                      top_p: float, max_tokens: float) -> AsyncIterator[list]:
         """Stream the assistant's reply into the chat; errors become a note in the chat."""
         history = list(history or [])
         if not ends_with_user_turn(history):
             yield history
             return
         settings = Settings(system or "", temperature, top_p, int(max_tokens))
-        updates = self._stream(session, normalize_history(history), settings)
+        updates = self._stream(normalize_history(history), settings)
         try:
-            for update in updates:
+            async for update in updates:
                 if update.error and not update.text:  # nothing was said: the message goes back to the textbox
                     start, end = last_user_span(history) or (len(history), len(history))
                     session.unsent = _draft(history[start:end])
@@ -187,11 +184,10 @@ class ChatApp:
             log.exception("generation failed")
             yield history + [note("⚠️ Generation failed", f"{type(e).__name__}: {e}")]
         finally:
-            updates.close()
+            await updates.aclose()  # on Stop: the engine request is cancelled
 
-    def _stream(self, session: ChatSession, turns: list, settings: Settings) -> Iterator[ReplyUpdate]:
-        return stream_reply(self.holder, session, turns, settings, upload_dirs(), self.config.max_image_pixels,
-                            kv_bits=self.config.kv_bits, kv_group_size=self.config.kv_group_size)
+    def _stream(self, turns: list, settings: Settings) -> AsyncIterator[ReplyUpdate]:
+        return stream_reply(self.holder, turns, settings, upload_dirs(), self.config.max_image_pixels)
 
     @staticmethod
     def _render(history: list, update: ReplyUpdate) -> list:
@@ -200,6 +196,8 @@ class ChatApp:
         if not update.text and update.status:
             return history + [note(update.status, status=PENDING)]
         out = history + [{"role": "assistant", "content": update.text}]
+        if update.stopped:
+            out.append(note(STOPPED, update.stopped, status="done"))
         if update.stats:
             out.append(note(format_stats(update.stats), status="done"))
         return out
@@ -213,12 +211,13 @@ class ChatApp:
 
     # ---- the API ----------------------------------------------------------------------------------------
 
-    def api_chat(self, message: Any, system: str, temperature: float, top_p: float, max_tokens: float,
-                 session: ChatSession) -> Iterator[tuple[str, Optional[dict]]]:
+    async def api_chat(self, message: Any, system: str, temperature: float, top_p: float, max_tokens: float,
+                       session: ChatSession) -> AsyncIterator[tuple[str, Optional[dict]]]:
         """``/chat``: one user turn (a string, or text and image files); the session remembers the conversation.
 
         Streams ``(reply so far, None)`` and ends with ``(reply, stats)``; a problem ends it with
-        ``("⚠️ message", {"error": message})`` and the turn is not remembered.
+        ``("⚠️ message", {"error": message})`` and the turn is not remembered; a reply cut short by a model
+        switch ends with ``(reply so far, {"stopped": why})``.
         """
         if isinstance(message, str):
             message = {"text": message, "files": []}
@@ -228,21 +227,21 @@ class ChatApp:
         history = session.api_history + [{"role": "user", "content": content}]
         settings = Settings(system or "", temperature, top_p, int(max_tokens))
         text, keep = "", False
-        updates = self._stream(session, normalize_history(history), settings)
+        updates = self._stream(normalize_history(history), settings)
         try:
-            for update in updates:
+            async for update in updates:
                 if update.error:
                     yield f"⚠️ {update.error}", {"error": update.error}
                     return
                 text, keep = update.text, keep or bool(update.text)
-                yield text, update.stats
+                yield text, {"stopped": update.stopped} if update.stopped else update.stats
         finally:
-            updates.close()
+            await updates.aclose()
             if keep:  # finished or stopped: what was said stays in the conversation
                 session.api_history = history + [{"role": "assistant", "content": text}]
 
     def api_clear(self, session: ChatSession) -> ChatSession:
-        """``/clear``: forget this session's conversation and prompt cache."""
+        """``/clear``: forget this session's conversation."""
         session.reset()
         return session
 
@@ -289,7 +288,8 @@ class ChatApp:
 
     def switch_model(self, name: Optional[str],
                      progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple[Any, str]:
-        """Load the picked model for every session (queued behind any reply in progress), showing progress.
+        """Load the picked model for every session, showing progress; the old model's replies still running
+        end with a note once it is let go.
 
         A failure is shown as a warning, and the picker and status line go back to the model that is loaded.
         """

@@ -129,7 +129,7 @@ def _merge(turns: list[Turn]) -> list[Turn]:
 
 
 def to_model_messages(turns: list[Turn], system: str = "") -> list[dict]:
-    """Hugging Face chat messages for ``stream_generate``: each user turn's images inline, before its text."""
+    """Hugging Face chat messages for the engine: each user turn's images inline, before its text."""
     messages: list[dict] = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
     for turn in turns:
         if turn.role == "user":

@@ -11,7 +11,7 @@ from .chat import ChatSession
 from .handlers import ChatApp
 from .inputs import GuardedBlocks
 
-DEVICE = "device"  # the queue slot shared by everything that runs on the device
+LOADING = "load"  # the queue slot of model switches: one at a time
 FOLLOW_SECONDS = 2.0  # how often a page checks whether another session switched the model
 # System fonts only: the page loads nothing from the internet, so the app works offline.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -27,11 +27,13 @@ CSS = """
 def build(app: ChatApp) -> gr.Blocks:
     """The page: the chat and its textbox on the left; model picker, system prompt and sampling on the right.
 
-    Generation events (send, retry, the ``/chat`` API, model switching) share one queue slot
-    (``concurrency_id="device"``, limit 1): one runs at a time, the others show their queue position. The
-    textbox's Stop button and the chat's Clear button cancel the running reply; Gradio then closes the
-    handler's generator, which stops the MLX generator on the device thread, and ``finish`` settles the chat.
-    The model is one for the whole process: a timer brings every page's picker and status line up to date.
+    Reply events (send, retry, the ``/chat`` API) have no concurrency limit: every session's reply goes to
+    the engine at once, which generates up to ``--max-batch`` of them together in one batch and queues the
+    others (a reply it has no room for becomes a "busy" note). The textbox's Stop button and the chat's
+    Clear button cancel the running reply; Gradio then cancels the handler, which cancels the engine
+    request (its row is freed at the engine's next step), and ``finish`` settles the chat. The model is one
+    for the whole process: switches run one at a time (``concurrency_id="load"``), and a timer brings every
+    page's picker and status line up to date.
     """
     d = app.config.defaults
     with GuardedBlocks(title=app.config.title, fill_height=True) as demo:
@@ -64,8 +66,7 @@ def build(app: ChatApp) -> gr.Blocks:
 
         sampling = [system, temperature, top_p, max_tokens]
         generate = dict(fn=app.respond, inputs=[chatbot, session] + sampling, outputs=[chatbot],
-                        concurrency_limit=1, concurrency_id=DEVICE, api_visibility="undocumented",
-                        show_progress="full")
+                        concurrency_limit=None, api_visibility="undocumented", show_progress="full")
         finish = dict(fn=app.finish, inputs=[chatbot, session], outputs=[textbox, chatbot], queue=False,
                       api_visibility="undocumented")
         sent = textbox.submit(app.add_message, [textbox, chatbot, session], [textbox, chatbot], queue=False,
@@ -83,11 +84,11 @@ def build(app: ChatApp) -> gr.Blocks:
                       api_name="clear_chat", api_visibility="undocumented")
 
         api_send.click(app.api_chat, [textbox] + sampling + [session], [api_reply, api_stats],
-                       api_name="chat", concurrency_limit=1, concurrency_id=DEVICE)
+                       api_name="chat", concurrency_limit=None)
         api_reset.click(app.api_clear, [session], [session], api_name="clear", queue=False)
 
         picker.select(app.switch_model, [picker], [picker, status], api_name="load_model", concurrency_limit=1,
-                     concurrency_id=DEVICE, api_visibility="undocumented", show_progress="full")
+                     concurrency_id=LOADING, api_visibility="undocumented", show_progress="full")
         refresh.click(app.refresh, None, [picker], queue=False, api_name="rescan", api_visibility="undocumented")
         timer.tick(app.follow_model, [status], [picker, status], queue=False, show_progress="hidden",
                    api_name="follow_model", api_visibility="undocumented")

@@ -32,14 +32,14 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from mlx_llama4.app.chat import Settings
-    from mlx_llama4.app.device import DeviceWorker, ModelHolder
+    from mlx_llama4.app.device import ModelHolder
     from mlx_llama4.app.handlers import AppConfig, ChatApp
     from mlx_llama4.app.ui import build, launch
 
     sys.path.insert(0, str(ROOT / "training"))
     import shapes
 
-    holder = ModelHolder(DeviceWorker())
+    holder = ModelHolder()
     holder.load(args.model)
     app = ChatApp(holder, AppConfig(models_dirs=[], include_hf_cache=False,
                                     defaults=Settings(temperature=0.0, max_tokens=64)))
@@ -67,6 +67,7 @@ def main() -> int:
         page.screenshot(path=str(args.out))
         browser.close()
     demo.close()
+    holder.close()
     print(f"saved {args.out}")
     return 0
 

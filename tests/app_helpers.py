@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -18,6 +21,39 @@ def start_app(holder: ModelHolder, folder: Path, **config) -> tuple[ChatApp, obj
     app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False, **config))
     demo = launch(build(app), host="127.0.0.1", port=None, block=False)
     return app, demo
+
+
+class EngineSpy:
+    """What the ``engine_spy`` fixture records: each request's prompt and handle, and each final event."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.requests: list[tuple[Any, Any]] = []
+        self.finals: dict[Any, Any] = {}
+
+    def final(self, handle: Any) -> Optional[Any]:
+        """The request's last event (``finish_reason``, ``completion_tokens``...), None while it runs."""
+        return self.finals.get(handle)
+
+
+def collect(stream: AsyncIterator, into: Optional[list] = None) -> list:
+    """Every item of an async handler's stream (``ChatApp.respond``, ``api_chat``), run to its end; each
+    item is appended to ``into`` as it comes, if given."""
+    items = [] if into is None else into
+
+    async def run() -> None:
+        async for item in stream:
+            items.append(item)
+
+    asyncio.run(run())
+    return items
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def picture(path: Path, w: int = 110, h: int = 50, seed: int = 0) -> Path:

@@ -37,44 +37,47 @@ def variant(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def app_model(tmp_path_factory):
-    """A loaded tiny checkpoint (real vocabulary and tokenizer) in a ModelHolder, with one device thread for
+    """A loaded tiny checkpoint (real vocabulary and tokenizer) in a ModelHolder, with its batching engine, for
     the whole test session; returns ``(holder, checkpoint folder)``."""
-    from mlx_llama4.app.device import DeviceWorker, ModelHolder
+    from mlx_llama4.app.device import ModelHolder
     from real_vocab import build_checkpoint
 
     folder = tmp_path_factory.mktemp("app-models") / "tiny-llama4"
     folder.mkdir()
     build_checkpoint(folder)
-    holder = ModelHolder(DeviceWorker())
+    holder = ModelHolder()
     holder.load(str(folder))
-    return holder, folder
+    yield holder, folder
+    holder.close()
 
 
 @pytest.fixture
-def slow_generation(monkeypatch):
-    """Make each token the app generates take 50 ms; one record per generation: tokens, closed early or not,
-    the thread it ran on."""
-    import threading
+def engine_spy(monkeypatch):
+    """Every request the app's engines take (``.requests``: prompt and handle; ``.final(handle)``: its last
+    event once it ended), with each decode step slowed by ``.delay`` seconds (50 ms unless a test sets it)."""
     import time
 
-    from mlx_llama4.app import chat
+    from app_helpers import EngineSpy
+    from mlx_llama4.engine import Engine, Handle
 
-    runs = []
-    real = chat.stream_generate
+    spy = EngineSpy(delay=0.05)
+    submit, decode_step, put = Engine.submit, Engine._decode_step, Handle._put
 
-    def slow(*args, **kwargs):
-        run = {"tokens": 0, "closed": False, "finished": False, "thread": threading.current_thread().name}
-        runs.append(run)
-        inner = real(*args, **kwargs)
-        try:
-            for chunk in inner:
-                run["tokens"] += 1
-                time.sleep(0.05)
-                yield chunk
-            run["finished"] = True
-        finally:
-            inner.close()
-            run["closed"] = True
+    def spied_submit(self, prompt, images=None, **sampling):
+        handle = submit(self, prompt, images, **sampling)
+        spy.requests.append((prompt, handle))
+        return handle
 
-    monkeypatch.setattr(chat, "stream_generate", slow)
-    return runs
+    def slow_step(self):
+        time.sleep(spy.delay)
+        decode_step(self)
+
+    def spied_put(self, event):
+        if event.finish_reason is not None:
+            spy.finals[self] = event
+        put(self, event)
+
+    monkeypatch.setattr(Engine, "submit", spied_submit)
+    monkeypatch.setattr(Engine, "_decode_step", slow_step)
+    monkeypatch.setattr(Handle, "_put", spied_put)
+    return spy

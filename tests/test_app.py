@@ -1,8 +1,10 @@
 """The Gradio chat app: history normalisation, model discovery, and the running app through gradio_client.
 
 The app is launched in-process on 127.0.0.1 around a tiny random checkpoint with the real tokenizer; replies
-are compared with ``stream_generate`` called directly (greedy), so the images and the history really reach
-the model, and a follow-up is checked to feed only its new tokens (the images are not read again).
+come from the batching engine and are compared with ``stream_generate`` called directly (greedy, one
+sequence), so the images and the history really reach the model; a follow-up is checked to reuse the
+conversation's KV from the engine's prefix cache, two sessions' replies to run in one batch, and Stop to free
+the reply's row.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app_helpers import picture, start_app  # noqa: E402
-from mlx_llama4 import PromptCache, stream_generate  # noqa: E402
+from app_helpers import collect, picture, start_app, wait_until  # noqa: E402
+from mlx_llama4 import stream_generate  # noqa: E402
 from mlx_llama4.app import chat  # noqa: E402
-from mlx_llama4.app.device import ModelHolder  # noqa: E402
+from mlx_llama4.app.device import EngineOptions, ModelHolder  # noqa: E402
 from mlx_llama4.app.history import (ends_with_user_turn, last_user_span, normalize_history,  # noqa: E402
                                     to_model_messages)
 from mlx_llama4.app.models import DEMO, discover_models, is_llama4_folder  # noqa: E402
@@ -47,15 +49,11 @@ def client(server):
 
 
 def expected_reply(holder, messages, max_tokens):
-    """Greedy reply computed directly (on the device thread), and the prompt's token count."""
+    """Greedy reply computed directly (one sequence, no engine), and the prompt's token count."""
     loaded = holder.current
-
-    def run():
-        chunks = list(stream_generate(loaded.model, loaded.processor, messages, max_tokens=max_tokens,
-                                      temperature=0.0, top_p=1.0))
-        return "".join(c.text for c in chunks), chunks[-1].prompt_tokens
-
-    return holder.worker.call(run)
+    chunks = list(stream_generate(loaded.model, loaded.processor, messages, max_tokens=max_tokens,
+                                  temperature=0.0, top_p=1.0))
+    return "".join(c.text for c in chunks), chunks[-1].prompt_tokens
 
 
 def send(client, text, files=(), max_tokens=10):
@@ -138,11 +136,11 @@ def test_image_checks(tmp_path):
     assert "only images uploaded" in chat.check_image("/etc/hostname", uploads)
     assert "only images uploaded" in chat.check_image(str(tmp_path / ".." / "elsewhere.png"), uploads)
     assert "gone" in chat.check_image(str(tmp_path / "missing.png"), uploads)
-    line = chat.format_stats(dict(prompt_tokens=30, prompt_tps=100.0, generation_tokens=5, generation_tps=20.0,
+    line = chat.format_stats(dict(prompt_tokens=30, cached_tokens=24, generation_tokens=5, generation_tps=20.0,
                                   time_to_first_token=0.25, peak_memory=1.5, finish_reason="length",
                                   model="/models/scout-4bit"))
-    assert line.startswith("scout-4bit · first token 0.25 s") and "100.0 tok/s" in line and "1.50 GB" in line
-    assert "token limit" in line
+    assert line.startswith("scout-4bit · first token 0.25 s") and "prompt 30 tok (24 cached)" in line
+    assert "20.0 tok/s" in line and "1.50 GB" in line and "token limit" in line
 
 
 # ---- the browser's handlers, called directly --------------------------------------------------------------
@@ -165,7 +163,7 @@ def test_ui_handlers_send_retry_undo(app_model, tmp_path, monkeypatch):
     img = str(picture(tmp_path / "cat.png"))
     box, history = app.add_message({"text": "What is it?", "files": [img]}, [], session)
     assert history == [{"role": "user", "content": [{"path": img}, "What is it?"]}]
-    frames = list(app.respond(history, session, "", 0.0, 1.0, 8))
+    frames = collect(app.respond(history, session, "", 0.0, 1.0, 8))
     assert len(frames) > 2 and frames[0][-1]["metadata"]["status"] == "pending"  # "Reading the prompt…"
     final = frames[-1]
     reply, stats = final[-2], final[-1]
@@ -181,7 +179,7 @@ def test_ui_handlers_send_retry_undo(app_model, tmp_path, monkeypatch):
     (tmp_path / "bad.png").write_bytes(b"GIF89a broken")
     box, rejected = app.add_message({"text": "And this?", "files": [str(tmp_path / "bad.png")]}, final, session)
     assert rejected[-1]["metadata"]["title"] == "⚠️ Image not accepted" and "bad.png" in rejected[-1]["content"]
-    assert list(app.respond(rejected, session, "", 0.0, 1.0, 8)) == [rejected]  # nothing to answer
+    assert collect(app.respond(rejected, session, "", 0.0, 1.0, 8)) == [rejected]  # nothing to answer
     assert app.prepare_retry(rejected, session)[1] == rejected  # Retry does not answer the turn before again
     assert app.undo(rejected)[1] == final  # Undo takes back the note only; the draft is still in the textbox
 
@@ -198,7 +196,7 @@ def test_a_message_not_sent_goes_back_to_the_textbox(app_model, tmp_path, monkey
     context = holder.current.model.config.text.max_position_embeddings
     try:
         holder.current.model.config.text.max_position_embeddings = 40
-        out = list(app.respond(history, session, "", 0.0, 1.0, 8))[-1]
+        out = collect(app.respond(history, session, "", 0.0, 1.0, 8))[-1]
     finally:
         holder.current.model.config.text.max_position_embeddings = context
     assert out[:-1] == earlier and out[-1]["metadata"]["title"] == NOT_SENT and "context" in out[-1]["content"]
@@ -233,7 +231,7 @@ def test_finish_says_how_a_reply_ended(app_model, tmp_path, monkeypatch):
 # ---- the running app through gradio_client ------------------------------------------------------------------
 
 
-def test_streamed_text_reply(server, client, slow_generation):
+def test_streamed_text_reply(server, client, engine_spy):
     app, _ = server
     reply, stats, outputs = send(client, "Hello there!", max_tokens=12)
     want, prompt_tokens = expected_reply(app.holder, [{"role": "user", "content": "Hello there!"}], 12)
@@ -258,9 +256,9 @@ def test_image_then_follow_up_reuses_cache(server, client, tmp_path):
     turn2 = turn1 + [{"role": "assistant", "content": reply},
                      {"role": "user", "content": "What colour was the picture I sent?"}]
     want2, full2 = expected_reply(app.holder, turn2, 10)
-    assert follow == want2  # the earlier image is still part of the prompt
-    new_tokens = full2 - full  # the reply and the new question
-    assert stats2["prompt_tokens"] <= new_tokens + 2, (stats2, full, full2)  # the image was not fed again
+    assert follow == want2 and stats2["prompt_tokens"] == full2  # the earlier image is still part of the prompt
+    assert stats["prompt_tokens"] <= stats2["cached_tokens"] < full2, (stats, stats2)  # the whole first turn,
+    # image included, came from the engine's prefix cache (its reply too, as far as it was computed)
 
 
 def test_two_images_and_sessions_are_separate(server, client, tmp_path):
@@ -306,26 +304,65 @@ def _wait(predicate, timeout=20.0):
         time.sleep(0.02)
 
 
-def test_cancel_stops_generation_and_queue_shows_position(server, client, slow_generation):
+def _start_chat(url, text, max_tokens=400):
     from gradio_client import Client
-    from gradio_client.utils import Status
 
+    return Client(url, verbose=False).submit(message={"text": text, "files": []}, max_tokens=max_tokens,
+                                             api_name="/chat", **GREEDY)
+
+
+def test_two_sessions_are_answered_together_in_one_batch(server, engine_spy):
+    """Two browser sessions' replies are generated at the same time, as two rows of the engine's batch; then
+    Stop in each frees its row."""
     app, url = server
+    engine = app.holder.current.engine
+    jobs = [_start_chat(url, "Count to a thousand."), _start_chat(url, "Name every colour.")]
+    wait_until(lambda: engine.stats()["running"] == 2 and all(len(job.outputs()) >= 2 for job in jobs))
+    first = [len(job.outputs()) for job in jobs]
+    wait_until(lambda: all(len(job.outputs()) > n + 3 for job, n in zip(jobs, first)))  # both still stream
+    assert engine.stats()["running"] == 2
+    for job in jobs:
+        job.cancel()
+    wait_until(lambda: engine.stats()["running"] == 0 and len(engine_spy.finals) == 2)
+    assert [engine_spy.final(h).finish_reason for _, h in engine_spy.requests] == ["cancelled", "cancelled"]
+
+
+def test_stop_frees_the_row(server, client, engine_spy):
+    app, url = server
+    engine = app.holder.current.engine
     job = client.submit(message={"text": "Count to a thousand.", "files": []}, max_tokens=400, api_name="/chat",
                         **GREEDY)
-    _wait(lambda: len(job.outputs()) >= 4)
-    waiting = Client(url, verbose=False).submit(message={"text": "Hi", "files": []}, max_tokens=3,
-                                                api_name="/chat", **GREEDY)
-    _wait(lambda: waiting.status().code == Status.IN_QUEUE and waiting.status().rank is not None)
-    assert waiting.status().rank == 0  # next in line, behind the running reply
+    wait_until(lambda: len(job.outputs()) >= 4)
+    assert engine.stats()["running"] == 1
     job.cancel()
-    run = slow_generation[0]
-    _wait(lambda: run["closed"])
-    assert not run["finished"] and run["tokens"] < 100 and run["thread"] == "mlx-device"
-    waiting.result(timeout=60)  # the queue moved on
-    _wait(lambda: app.holder.worker.idle)
+    (_, handle), = engine_spy.requests
+    wait_until(lambda: engine_spy.final(handle) is not None)
+    assert handle.cancelled and engine_spy.final(handle).finish_reason == "cancelled"
+    assert engine_spy.final(handle).completion_tokens < 100 and engine.stats()["running"] == 0
     reply, stats, _ = send(client, "Are you still there?", max_tokens=4)  # the cancelled turn's partial reply kept
     assert stats["generation_tokens"] == 4
+
+
+def test_a_full_engine_says_busy(app_model, tmp_path, monkeypatch, engine_spy):
+    """With no place left in the engine (one row, no queue, taken), a message gets a "busy" note and goes
+    back into the textbox; the note names no exception."""
+    real, folder = app_model
+    holder = ModelHolder(loader=lambda source: (real.current.model, real.current.processor),
+                         engine=EngineOptions(max_batch=1, max_queue=0))
+    holder.load(str(folder))
+    try:
+        app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
+        monkeypatch.setattr(chat, "upload_dirs", lambda: [tmp_path])
+        taken = holder.current.engine.submit("Keep talking.", max_tokens=400)
+        session = chat.ChatSession()
+        history = [{"role": "user", "content": "Hello?"}]
+        out = collect(app.respond(history, session, "", 0.0, 1.0, 8))[-1]
+        assert out[-1]["metadata"]["title"] == NOT_SENT and chat.BUSY in out[-1]["content"]
+        assert "Error" not in out[-1]["content"] and "Traceback" not in out[-1]["content"]
+        assert app.finish(out, session)[0].constructor_args["value"] == {"text": "Hello?", "files": []}
+        taken.cancel()
+    finally:
+        holder.close()
 
 
 def test_main_checks_the_address_then_loads_then_launches(app_model, tmp_path, monkeypatch, capsys):
@@ -354,13 +391,17 @@ def test_main_checks_the_address_then_loads_then_launches(app_model, tmp_path, m
     assert loads == []
     monkeypatch.undo()
 
+    options = cli.make_app(cli.parser().parse_args(["--max-batch", "3", "--kv-bits", "8", "--kv-group-size",
+                                                     "32"])).holder.engine_options
+    assert options == EngineOptions(max_batch=3, kv_bits=8, kv_group_size=32)  # what each model's engine gets
+    assert cli.parser().parse_args([]).max_batch == 8
+
     holder, folder = app_model
     launched = {}
-    monkeypatch.setattr(cli, "make_app", lambda a: ChatApp(holder, AppConfig(
-        models_dirs=a.models_dir, kv_bits=a.kv_bits, kv_group_size=a.kv_group_size)))
+    monkeypatch.setattr(cli, "make_app", lambda a: ChatApp(holder, AppConfig(models_dirs=a.models_dir)))
     monkeypatch.setattr(ui, "launch", lambda demo, **kw: launched.update(kw, demo=demo))
     assert top_main(["app", "--model", str(folder), "--port", "7999", "--host", "0.0.0.0", "--share",
-                     "--kv-bits", "8"]) == 0
+                     "--kv-bits", "8", "--max-batch", "2"]) == 0
     assert launched["port"] == 7999 and launched["host"] == "0.0.0.0" and launched["share"] is True
     assert launched["max_file_size"] == "20mb" and launched["demo"].config["title"] == "Llama 4 · MLX"
 
@@ -383,36 +424,51 @@ def test_launch_names_our_share_flag(app_model, monkeypatch, capsys):
         demo.close()
 
 
-def test_kv_quantization_flags_reach_generation(app_model, tmp_path, monkeypatch):
-    seen = []
-    real = chat.stream_generate
-    monkeypatch.setattr(chat, "stream_generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
-    app = _handlers(app_model, tmp_path, monkeypatch)
-    list(app.respond([{"role": "user", "content": "Hi"}], chat.ChatSession(), "", 0.0, 1.0, 2))
-    app.config.kv_bits, app.config.kv_group_size = 8, 32
-    seen.append("api")
-    list(app.api_chat("Hi", "", 0.0, 1.0, 2, chat.ChatSession()))
-    assert [kw if kw == "api" else (kw["kv_bits"], kw["kv_group_size"]) for kw in seen] == [
-        (None, None), "api", (8, 32)]
+def test_engine_options_reach_the_engine(tmp_path, monkeypatch):
+    """--max-batch and the KV quantization flags start each loaded model's engine; the automatic group size
+    is one the model's head size allows, and one it does not allow fails the load with a clear message."""
+    from real_vocab import build_checkpoint
+
+    folder = tmp_path / "head-32"
+    folder.mkdir()
+    build_checkpoint(folder, dict(head_dim=32))  # the test model's head size 8 cannot be quantized
+    holder = ModelHolder(engine=EngineOptions(max_batch=3, kv_bits=8))
+    holder.load(str(folder))
+    try:
+        engine = holder.current.engine
+        assert (engine.max_batch, engine.kv_bits, engine.kv_group_size) == (3, 8, 32)  # 64 does not divide 32
+        monkeypatch.setattr(chat, "upload_dirs", lambda: [tmp_path])
+        app = ChatApp(holder, AppConfig(models_dirs=[tmp_path], include_hf_cache=False))
+        final = collect(app.respond([{"role": "user", "content": "Hi"}], chat.ChatSession(), "", 0.0, 1.0, 3))[-1]
+        assert "first token" in final[-1]["metadata"]["title"]  # a quantized batch answers
+    finally:
+        holder.close()
+    holder = ModelHolder(engine=EngineOptions(kv_bits=4, kv_group_size=64))
+    with pytest.raises(ValueError, match="kv_group_size 64 does not fit this model's head size 32"):
+        holder.load(str(folder))
+    assert holder.current is None
 
 
 def test_special_tokens_are_not_shown(app_model, tmp_path, monkeypatch):
     """A sampled special token (``<|reserved_special_token_303|>``) is not part of the reply's text.
 
-    The model's token stream is replaced by fixed tokens; the text comes from ``stream_generate``'s own
-    detokenizing, which leaves special tokens out (a library change this test depends on).
+    The engine's token choice is replaced by fixed tokens; the text comes from the engine's own
+    detokenizing, which leaves special tokens out.
     """
-    from mlx_llama4 import generation
+    import mlx.core as mx
+
+    from mlx_llama4.engine.sampling import RowSampler
 
     holder, _ = app_model
     tokenizer = holder.current.processor.tokenizer
     special = tokenizer.convert_tokens_to_ids("<|reserved_special_token_303|>")
     tokens = tokenizer.encode("Hello", add_special_tokens=False) + [special] + tokenizer.encode(
         " there", add_special_tokens=False)
-    monkeypatch.setattr(generation, "generate_step", lambda *a, **kw: iter([(t, None) for t in tokens]))
+    fixed = iter(tokens)
+    monkeypatch.setattr(RowSampler, "_draw", lambda self, logprobs, entropy: mx.array([next(fixed)]))
     app = _handlers(app_model, tmp_path, monkeypatch)
-    final = list(app.respond([{"role": "user", "content": "Hi"}], chat.ChatSession(), "", 0.0, 1.0,
-                             len(tokens)))[-1]
+    final = collect(app.respond([{"role": "user", "content": "Hi"}], chat.ChatSession(), "", 0.0, 1.0,
+                                len(tokens)))[-1]
     assert final[-2]["content"].replace(" ", "") == "Hellothere", final[-2]
     assert "<|" not in json.dumps(final)
 
@@ -424,7 +480,11 @@ def _other_model(tmp_path, folder) -> Path:
     return other
 
 
-def test_model_switch_loads_next_to_the_current_one_when_both_fit(app_model, tmp_path, monkeypatch):
+def test_model_switch_loads_next_to_the_current_one_when_both_fit(app_model, tmp_path, monkeypatch, engine_spy):
+    """The new model loads (on a thread of its own) while the current one answers; then the old engine is
+    closed, and a reply it was still writing ends with a note that says why."""
+    import threading
+
     from mlx_llama4.app import device
 
     real, folder = app_model
@@ -433,25 +493,46 @@ def test_model_switch_loads_next_to_the_current_one_when_both_fit(app_model, tmp
     calls = []
 
     def loader(source):
-        calls.append((source, holder.current.name if holder.current else None))
+        calls.append((source, holder.current.name if holder.current else None, threading.current_thread().name))
         return loaded.model, loaded.processor
 
-    holder = ModelHolder(real.worker, loader=loader)
-    app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
+    holder = ModelHolder(loader=loader)
+    app = _handlers(app_model, tmp_path, monkeypatch)
+    app.holder = holder
     assert "No model loaded" in app.status()
     app.switch_model(str(folder), progress=lambda *a, **k: None)
-    session = chat.ChatSession()
-    holder.worker.call(session.prompt_cache, holder.current)
+    old_engine = holder.current.engine
+    frames, api_frames, session = [], [], chat.ChatSession()
+    replying = [threading.Thread(target=collect, args=(app.respond(
+                    [{"role": "user", "content": "Count to a thousand."}], chat.ChatSession(), "", 0.0, 1.0, 400),
+                    frames)),
+                threading.Thread(target=collect, args=(app.api_chat("Go on.", "", 0.0, 1.0, 400, session), api_frames))]
+    for thread in replying:
+        thread.start()
+    wait_until(lambda: frames and frames[-1][-1]["content"] and not frames[-1][-1].get("metadata")  # they write
+               and api_frames and api_frames[-1][0])
     monkeypatch.setattr(device, "memory_bytes", lambda: 1 << 50)
     steps = []
     picker, status = app.switch_model(str(other), progress=lambda fraction, desc: steps.append((fraction, desc)))
-    assert calls == [(folder, None), (other, str(folder))]  # the first model stayed while the new one loaded
-    assert holder.current.name == str(other) and holder.current.generation == 2
-    assert f"`{other}`" in status and "text and images" in status and picker.constructor_args["value"] == str(other)
-    assert [f for f, _ in steps] == sorted(f for f, _ in steps) and steps[-1] == (1.0, f"Loaded {other}")
-    assert session.cache is None  # the old model's caches were let go
-    choices = dict((v, label) for label, v in app.choices())
-    assert str(other) in choices and str(folder.resolve()) in choices and DEMO in choices
+    for thread in replying:
+        thread.join(timeout=30)
+    try:
+        assert calls == [(folder, None, "mlx-load"), (other, str(folder), "mlx-load")]  # side by side
+        assert holder.current.name == str(other) and holder.current.engine is not old_engine
+        assert f"`{other}`" in status and "text and images" in status
+        assert picker.constructor_args["value"] == str(other)
+        assert [f for f, _ in steps] == sorted(f for f, _ in steps) and steps[-1] == (1.0, f"Loaded {other}")
+        cut = frames[-1]
+        assert cut[-2]["role"] == "assistant" and cut[-2]["content"]  # what the old model wrote stays,
+        assert cut[-1]["metadata"]["title"] == STOPPED and f"switched to {other}" in cut[-1]["content"]  # marked
+        text, why = api_frames[-1]  # the API says so too, and the session keeps what was said
+        assert text and f"switched to {other}" in why["stopped"] and session.api_history[-1]["content"] == text
+        with pytest.raises(RuntimeError, match="closed"):
+            old_engine.submit("Hi")
+        choices = dict((v, label) for label, v in app.choices())
+        assert str(other) in choices and str(folder.resolve()) in choices and DEMO in choices
+    finally:
+        holder.close()
 
 
 def test_failed_switch_keeps_the_model_and_the_picker_shows_it(app_model, tmp_path, monkeypatch):
@@ -478,7 +559,7 @@ def test_failed_switch_keeps_the_model_and_the_picker_shows_it(app_model, tmp_pa
             raise ValueError("broken.safetensors: cannot read tensor data")
         return loaded.model, loaded.processor
 
-    holder = ModelHolder(real.worker, loader=loader)
+    holder = ModelHolder(loader=loader)
     holder.load(str(folder))
     app = ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
     want = f"**Loaded:** `{folder}` (text and images)"
@@ -495,6 +576,7 @@ def test_failed_switch_keeps_the_model_and_the_picker_shows_it(app_model, tmp_pa
             else:  # loaded next to the current model; or after unloading it, and then the current one again
                 assert names == ([str(folder)] if room else [None, None]), room
     assert holder.current.name == str(folder)
+    holder.close()
 
 
 def test_every_session_sees_the_model_that_answers(server, app_model):
@@ -527,23 +609,6 @@ def test_only_uploads_are_served_and_uploads_are_limited(server):
         assert response.status_code in (403, 404), (path, response.status_code)
     config = httpx.get(f"{url.rstrip('/')}/config").json()
     assert config["max_file_size"] == 20 * 1024 * 1024
-
-
-def test_prompt_cache_follows_the_model(app_model):
-    holder, _ = app_model
-    session = chat.ChatSession()
-    cache = holder.worker.call(session.prompt_cache, holder.current)
-    assert isinstance(cache, PromptCache) and holder.worker.call(session.prompt_cache, holder.current) is cache
-    chat.release_all_caches()
-    assert session.cache is None
-
-
-def test_only_recent_sessions_keep_a_cache(app_model):
-    holder, _ = app_model
-    sessions = [chat.ChatSession() for _ in range(chat.MAX_CACHED_SESSIONS + 2)]
-    for session in sessions:
-        holder.worker.call(session.prompt_cache, holder.current)
-    assert [s.cache is not None for s in sessions] == [False] * 2 + [True] * chat.MAX_CACHED_SESSIONS
 
 
 def _refused_route_values(component: dict, foreign: dict) -> list:

@@ -1,5 +1,5 @@
-"""End to end in headless Chromium: type, attach images (upload, paste, drop), send, watch the reply stream, Stop,
-Clear, the layout and the glyphs the page shows.
+"""End to end in headless Chromium: type, attach images (upload, paste, drop), send, watch the reply stream while
+another tab's reply streams in the same batch, Stop, Clear, the layout and the glyphs the page shows.
 
 Needs Debian's ``chromium`` and the ``playwright`` Python package (``scripts/ci_browser_deps.sh`` installs
 both, and the DejaVu fonts; Playwright's own browser download is not used) and skips without them. The README
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,8 +26,8 @@ pytest.importorskip("playwright.sync_api",
                     reason="the playwright package is not installed (bash scripts/ci_browser_deps.sh installs it)")
 
 from app_helpers import start_app  # noqa: E402
-from mlx_llama4.app import chat  # noqa: E402
 from mlx_llama4.app.chat import Settings  # noqa: E402
+from mlx_llama4.app.device import EngineOptions, ModelHolder  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -63,6 +61,19 @@ def url(served):
     return served[1]
 
 
+@pytest.fixture(scope="module")
+def one_row(app_model):
+    """The app around an engine with one row in its batch: a second reply waits in the engine's queue."""
+    holder, folder = app_model
+    one_row = ModelHolder(loader=lambda source: (holder.current.model, holder.current.processor),
+                          engine=EngineOptions(max_batch=1))
+    one_row.load(str(folder))
+    app, demo = start_app(one_row, folder, defaults=Settings(max_tokens=MAX_TOKENS))
+    yield app, demo.local_url
+    demo.close()
+    one_row.close()
+
+
 REPLY = "#chatbot .message:not(.thought) > [data-testid=bot]"  # assistant replies, not the app's notes
 
 
@@ -72,6 +83,7 @@ def _bot_text(page) -> str:
 
 
 def _reply_longer_than(page, n: int, timeout: float = 30_000) -> None:
+    """Wait until the last reply's text is longer than ``n`` characters."""
     page.wait_for_function(
         "([sel, n]) => { const r = document.querySelectorAll(sel);"
         " return r.length > 0 && r[r.length - 1].innerText.trim().length > n; }",
@@ -118,13 +130,17 @@ def _until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):
-    page = browser.new_page()
+def test_chat_in_the_browser(browser, served, tmp_path, engine_spy):
+    app, url = served
+    engine = app.holder.current.engine
+    engine_spy.delay = 0.1  # a reply of MAX_TOKENS takes 6 s: long enough to do things while it streams
+    page, other = browser.new_page(), browser.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
+    for p in (page, other):
+        p.goto(url)
+        p.locator("#message textarea").wait_for(timeout=30_000)
     box = page.locator("#message textarea")
-    box.wait_for(timeout=30_000)
 
     # Type, attach one image with the upload button and one by pasting, send.
     box.fill("What is in these pictures?")
@@ -139,25 +155,27 @@ def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):
     _reply_longer_than(page, 0)
     _reply_longer_than(page, len(_bot_text(page).strip()))  # ...and keeps growing
 
-    # Another browser session sends meanwhile: it waits in the queue, with its position shown.
-    other = browser.new_page()
-    other.goto(url)
+    # Another browser session sends meanwhile: its reply streams at the same time, in the same batch.
     other.locator("#message textarea").fill("Hello from another tab")
     other.locator("#message textarea").press("Enter")
-    other.get_by_text(re.compile(r"queue: 1/\d+")).wait_for(timeout=20_000)
+    _until(lambda: engine.stats()["running"] == 2, timeout=20)  # both replies are rows of one batch now
+    _reply_longer_than(other, len(_bot_text(other).strip()))  # the other tab's reply streams,
+    _reply_longer_than(page, len(_bot_text(page).strip()))  # and the first tab's reply still grows
 
-    # Stop: the button swaps back to Send and the generator on the device is closed early.
+    # Stop: the button swaps back to Send and the request leaves the engine's batch early.
     page.locator("#message button[aria-label='Stop']").click()
     page.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
-    first = slow_generation[0]
-    _until(lambda: first["closed"])
-    assert not first["finished"] and first["tokens"] < MAX_TOKENS
+    _, first = engine_spy.requests[0]
+    _until(lambda: engine_spy.final(first) is not None)
+    assert first.cancelled and engine_spy.final(first).finish_reason == "cancelled"
+    assert engine_spy.final(first).completion_tokens < MAX_TOKENS
+    engine_spy.delay = 0.02  # nothing more to do while a reply streams
     stopped = _bot_text(page)
     time.sleep(1.0)
     assert stopped.strip() and _bot_text(page) == stopped  # the partial reply stays; nothing more arrives
     page.locator("#chatbot").get_by_text("■ Stopped", exact=True).wait_for(timeout=10_000)  # marked as cut
 
-    # The other tab's turn comes; its chat holds only its own conversation.
+    # The other tab's reply runs to its end; its chat holds only its own conversation.
     other.locator("#chatbot").get_by_text("peak memory").wait_for(timeout=60_000)
     assert "pictures" not in other.locator("#chatbot").inner_text()
     other.close()
@@ -170,14 +188,16 @@ def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):
     page.wait_for_function("document.querySelectorAll('#chatbot .message.user img').length >= 3",
                            timeout=20_000)
     page.locator("#chatbot").get_by_text("peak memory").wait_for(timeout=60_000)
-    assert len(slow_generation) == 3 and slow_generation[2]["finished"]
+    assert len(engine_spy.requests) == 3
+    assert engine_spy.final(engine_spy.requests[2][1]).finish_reason in ("stop", "length")
     assert not errors, errors
 
     page.screenshot(path=str(tmp_path / "app.png"))  # kept with the test's files, for a look after a failure
 
     # Retry answers the last turn again; Undo puts it back into the textbox; Clear empties the chat.
     page.locator("#chatbot button[aria-label='Retry']").last.click()
-    _until(lambda: len(slow_generation) == 4 and slow_generation[3]["finished"], timeout=60)
+    _until(lambda: len(engine_spy.requests) == 4 and engine_spy.final(engine_spy.requests[3][1]) is not None,
+           timeout=60)
     page.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
     assert page.locator("#chatbot .message.user").count() == 2
     page.locator("#chatbot button[aria-label='Undo']").last.click()
@@ -190,24 +210,7 @@ def test_chat_in_the_browser(browser, url, tmp_path, slow_generation):
     page.close()
 
 
-@pytest.fixture
-def fast_stream(monkeypatch):
-    """Replace generation by a quick stream of 400 words (20 ms apart); records the messages of each call."""
-    calls = []
-
-    def stream(model, processor, messages, **kwargs):
-        calls.append(messages)
-        for i in range(400):
-            time.sleep(0.02)
-            yield SimpleNamespace(text=f"w{i} ", token=1, finish_reason="length" if i == 399 else None,
-                                  prompt_tokens=1, prompt_tps=1.0, generation_tokens=i + 1, generation_tps=1.0,
-                                  time_to_first_token=0.1, peak_memory=0.1)
-
-    monkeypatch.setattr(chat, "stream_generate", stream)
-    return calls
-
-
-def test_clear_during_a_reply_clears(browser, url, fast_stream):
+def test_clear_during_a_reply_clears(browser, url, engine_spy):
     """Clear while a reply streams: the chat empties and stays empty, and the next message starts afresh."""
     page = browser.new_page()
     page.goto(url)
@@ -221,15 +224,21 @@ def test_clear_during_a_reply_clears(browser, url, fast_stream):
         page.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
         time.sleep(0.5)
         assert page.locator("#chatbot .message").count() == 0, page.locator("#chatbot").inner_text()
+    assert all(handle.cancelled for _, handle in engine_spy.requests)
     box.fill("Hello")
     box.press("Enter")
     _reply_longer_than(page, 0)
-    assert fast_stream[-1] == [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+    assert engine_spy.requests[-1][0] == [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
     page.locator("#message button[aria-label='Stop']").click()
     page.close()
 
 
-def test_stop_while_queued_leaves_a_note_and_retry(browser, url, fast_stream):
+def test_stop_while_waiting_leaves_a_note_and_retry(browser, one_row, engine_spy):
+    """With the engine's one row taken, a second tab's reply waits in the engine's queue ("Reading the
+    prompt…"); Stop then leaves a note, and Retry answers the message once there is room."""
+    app, url = one_row
+    engine = app.holder.current.engine
+    engine_spy.delay = 0.1
     page, other = browser.new_page(), browser.new_page()
     for p in (page, other):
         p.goto(url)
@@ -239,21 +248,51 @@ def test_stop_while_queued_leaves_a_note_and_retry(browser, url, fast_stream):
     _reply_longer_than(page, 0)
     other.locator("#message textarea").fill("Waiting")
     other.locator("#message textarea").press("Enter")
-    other.get_by_text(re.compile(r"queue: 1/\d+")).wait_for(timeout=20_000)
+    other.locator("#chatbot").get_by_text("Reading the prompt…").wait_for(timeout=20_000)
+    _until(lambda: engine.stats()["queued"] == 1)  # in the engine, waiting for the row
     other.locator("#message button[aria-label='Stop']").click()
     other.locator("#chatbot").get_by_text("■ Stopped before the reply began").wait_for(timeout=20_000)
+    _until(lambda: engine_spy.final(engine_spy.requests[1][1]) is not None)
+    assert engine_spy.final(engine_spy.requests[1][1]).finish_reason == "cancelled"
+    assert engine.stats()["queued"] == 0 and engine_spy.final(engine_spy.requests[1][1]).completion_tokens == 0
     page.locator("#message button[aria-label='Stop']").click()
     page.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
     other.locator("#chatbot button[aria-label='Retry']").last.click()  # Retry answers the stopped message
     _reply_longer_than(other, 0)
-    assert fast_stream[-1] == [{"role": "user", "content": [{"type": "text", "text": "Waiting"}]}]
+    assert engine_spy.requests[-1][0] == [{"role": "user", "content": [{"type": "text", "text": "Waiting"}]}]
     other.locator("#message button[aria-label='Stop']").click()
     other.locator("#message button[aria-label='Submit']").wait_for(timeout=20_000)
     page.close()
     other.close()
 
 
-def test_corner_buttons_do_not_cover_the_chat(browser, url, fast_stream):
+def test_closing_a_tab_cancels_its_reply(browser, one_row, engine_spy):
+    """A closed tab's reply leaves the engine: a waiting one before it ever gets a row, a running one at once."""
+    app, url = one_row
+    engine = app.holder.current.engine
+    engine_spy.delay = 0.2  # the running reply takes 12 s
+    page, other = browser.new_page(), browser.new_page()
+    for p in (page, other):
+        p.goto(url)
+        p.locator("#message textarea").wait_for(timeout=30_000)
+    page.locator("#message textarea").fill("A long one")
+    page.locator("#message textarea").press("Enter")
+    _reply_longer_than(page, len(_bot_text(page).strip()))
+    other.locator("#message textarea").fill("Waiting")
+    other.locator("#message textarea").press("Enter")
+    _until(lambda: engine.stats()["queued"] == 1)
+    (_, running), (_, waiting) = engine_spy.requests
+    other.close()
+    _until(lambda: engine_spy.final(waiting) is not None)
+    assert waiting.cancelled and engine_spy.final(waiting).completion_tokens == 0
+    assert engine_spy.final(running) is None  # the other reply still has the row
+    page.close()
+    _until(lambda: engine_spy.final(running) is not None)
+    assert running.cancelled and engine_spy.final(running).completion_tokens < MAX_TOKENS
+    assert engine.stats()["running"] == 0
+
+
+def test_corner_buttons_do_not_cover_the_chat(browser, url, engine_spy):
     """The chat's label and corner buttons sit above the scrolling conversation, even when it is scrolled."""
     page = browser.new_page()
     page.set_viewport_size({"width": 1280, "height": 700})
