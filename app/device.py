@@ -196,13 +196,11 @@ class ModelHolder:
     def _start(self, name: str, source: Any) -> LoadedModel:
         """Load ``source`` and start an engine on it."""
         from mlx_llama4.engine import Engine
-        from mlx_llama4.generation import kv_group_size_for
 
         model, processor = on_own_thread(self._load_fn(), source)
         options = self.engine_options
         engine = Engine(model, processor, max_batch=options.max_batch, max_queue=options.max_queue,
-                        kv_bits=options.kv_bits,
-                        kv_group_size=kv_group_size_for(model, options.kv_bits, options.kv_group_size))
+                        kv_bits=options.kv_bits, kv_group_size=options.kv_group_size)
         return LoadedModel(name, model, processor, engine)
 
     def _restore(self, name: str, report: Progress) -> None:

@@ -1,8 +1,8 @@
 """End to end in headless Chromium: type, attach images (upload, paste, drop), send, watch the reply stream while
 another tab's reply streams in the same batch, Stop, Clear, the layout and the glyphs the page shows.
 
-Needs Debian's ``chromium`` and the ``playwright`` Python package (``scripts/ci_browser_deps.sh`` installs
-both, and the DejaVu fonts; Playwright's own browser download is not used) and skips without them. The README
+Needs Debian's ``chromium`` (``scripts/ci_browser_deps.sh`` installs it and the DejaVu fonts; Playwright's own
+browser download is not used) and skips without it; the ``playwright`` package comes with the test extra. The README
 screenshot is made by ``scripts/screenshot_app.py``.
 """
 
@@ -22,12 +22,10 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
     pytest.skip(f"no Chromium at {CHROMIUM} (bash scripts/ci_browser_deps.sh installs Debian's chromium)",
                 allow_module_level=True)
-pytest.importorskip("playwright.sync_api",
-                    reason="the playwright package is not installed (bash scripts/ci_browser_deps.sh installs it)")
-
 from app_helpers import start_app  # noqa: E402
 from mlx_llama4.app.chat import Settings  # noqa: E402
 from mlx_llama4.app.device import EngineOptions, ModelHolder  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402  (the test extra installs playwright)
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -37,8 +35,6 @@ MAX_TOKENS = 60
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
