@@ -8,7 +8,7 @@ one chunk), converted once by ``mlx_lm.convert`` (float32, text-only): both serv
 load that very folder.
 
 - ceiling: the bare model (ours, the same weights) decoding B rows at once: prefill the B prompts as one batch,
-  then M - 1 synchronous steps (forward, greedy argmax, ``mx.eval``); tokens/s = B / median step time. On a CPU
+  then M - 1 synchronous steps (forward, greedy argmax, ``mx.eval``); tokens/s = B / mean step time. On a CPU
   a batch of B costs nearly B single steps (compute-bound matmuls), so this, not B x the one-row speed, is what
   any batching server can reach on this machine.
 - engine: our ``Engine`` in-process, no HTTP, the same streams and counting as the servers; optionally with
@@ -33,7 +33,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -126,10 +126,11 @@ def ceiling_run(lm, streams: int, prompt: int, tokens: int, first: int) -> dict:
             times[b].append(time.perf_counter() - t)
     del caches
     mx.clear_cache()
-    batch, one = times[streams][2:], times[1][2:]
-    step = statistics.median(batch)
-    return {"streams": streams, "step_s": step, "tps": streams / step, "steps": len(times[streams]),
-            "one_row_step_s": statistics.median(one),
+    batch, one = times[streams][2:], times[1][2:]  # warm-up steps dropped
+    # tokens/s over the total time, as the streams are counted (a median would hide the stalls they see)
+    return {"streams": streams, "tps": streams * len(batch) / sum(batch), "step_s": sum(batch) / len(batch),
+            "step_median_s": statistics.median(batch), "steps": len(batch),
+            "one_row_step_s": sum(one) / len(one),
             "speedup_vs_1": statistics.median(streams * a / b for a, b in zip(one, batch))}
 
 
@@ -139,14 +140,13 @@ def ceiling_run(lm, streams: int, prompt: int, tokens: int, first: int) -> dict:
 
 
 class _Timers:
-    """Wall time spent in some methods while the engine runs a decode step (not in prefill, whose first token
+    """Wall time spent in some methods during each decode step of the engine (not in prefill, whose first token
     also goes through ``_sample``), to split the step into its parts."""
 
     def __init__(self):
-        self.total: dict[str, float] = {}
-        self.steps = 0
+        self.steps: list[dict[str, float]] = []  # per decode step: part -> seconds
         self.on = False
-        self._in_step = False
+        self._current: Optional[dict[str, float]] = None
 
     def step(self, owner: Any, name: str) -> Callable[[], None]:
         original = getattr(owner, name)
@@ -154,14 +154,14 @@ class _Timers:
         def timed(*args, **kwargs):
             if not self.on:
                 return original(*args, **kwargs)
-            self._in_step = True
+            self._current = {}
             t = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self._in_step = False
-                self.total["step"] = self.total.get("step", 0.0) + time.perf_counter() - t
-                self.steps += 1
+                self._current["step"] = time.perf_counter() - t
+                self.steps.append(self._current)
+                self._current = None
 
         setattr(owner, name, timed)
         return lambda: setattr(owner, name, original)
@@ -170,13 +170,14 @@ class _Timers:
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            if not (self.on and self._in_step):
+            current = self._current
+            if current is None:
                 return original(*args, **kwargs)
             t = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.total[label] = self.total.get(label, 0.0) + time.perf_counter() - t
+                current[label] = current.get(label, 0.0) + time.perf_counter() - t
 
         setattr(owner, name, timed)
         return lambda: setattr(owner, name, original)
@@ -234,21 +235,26 @@ def engine_run(engine, streams: int, prompt: int, tokens: int, first: int, profi
 
 
 def _profile_summary(timers: _Timers, point: dict, wall: float, n: int) -> dict:
-    """Per decode step, in ms: the engine's step split into the forward pass's graph building (step - sample
-    - retire), the per-row sampling graphs, ``mx.eval`` (the computation itself: sample - sampler graphs -
-    bookkeeping), the per-row Python bookkeeping (of which detokenizing) and rows leaving."""
-    per = {k: 1e3 * v / timers.steps for k, v in timers.total.items()} if timers.steps else {}
-    if not per:
+    """Per decode step, in ms (medians over the steps where all ``n`` rows decode): the engine's step split into
+    the forward pass's graph building (step - sample - retire), the per-row sampling graphs, ``mx.eval`` (the
+    computation itself: sample - sampler graphs - bookkeeping), the per-row Python bookkeeping (of which
+    detokenizing) and rows leaving."""
+    steps = timers.steps[n:len(timers.steps) - n]  # without the ramp up and down, where the batch is smaller
+    if not steps:
         return {}
+
+    def med(f: Callable[[dict], float]) -> float:
+        return 1e3 * statistics.median(f(t) for t in steps)
+
     parts = {
-        "forward graph build": per["step"] - per.get("sample", 0.0) - per.get("retire", 0.0),
-        "row sampling graphs": per.get("choose", 0.0),
-        "mx.eval (the computation)": per.get("sample", 0.0) - per.get("choose", 0.0) - per.get("advance", 0.0),
-        "row bookkeeping (_advance)": per.get("advance", 0.0),
-        "  of which detokenizing": per.get("detokenize", 0.0),
-        "rows leaving (_retire)": per.get("retire", 0.0),
+        "forward graph build": med(lambda t: t["step"] - t.get("sample", 0.0) - t.get("retire", 0.0)),
+        "row sampling graphs": med(lambda t: t.get("choose", 0.0)),
+        "mx.eval (the computation)": med(lambda t: t.get("sample", 0.0) - t.get("choose", 0.0) - t.get("advance", 0.0)),
+        "row bookkeeping (_advance)": med(lambda t: t.get("advance", 0.0)),
+        "  of which detokenizing": med(lambda t: t.get("detokenize", 0.0)),
+        "rows leaving (_retire)": med(lambda t: t.get("retire", 0.0)),
     }
-    return {"streams": n, "decode_steps": timers.steps, "step_ms": per["step"], "parts_ms": parts,
+    return {"streams": n, "decode_steps": len(steps), "step_ms": med(lambda t: t["step"]), "parts_ms": parts,
             "wall_s": wall, "tps": point.get("tps")}
 
 

@@ -185,8 +185,8 @@ def _profile_lines(s: dict) -> list[str]:
     if not profiles:
         return []
     heads = " | ".join(f"{p['streams']} stream{'s' if p['streams'] > 1 else ''}" for p in profiles)
-    lines = ["Where our engine's decode step goes (engine without HTTP, timers on the engine's methods; ms per "
-             f"step, over {', '.join(str(p['decode_steps']) for p in profiles)} steps):", "",
+    lines = ["Where our engine's decode step goes (engine without HTTP, timers on the engine's methods; ms, the "
+             f"median over {', '.join(str(p['decode_steps']) for p in profiles)} steps with every row decoding):", "",
              f"| part | {heads} |", "|---|" + "---:|" * len(profiles),
              "| whole decode step | " + " | ".join(f"{p['step_ms']:.2f}" for p in profiles) + " |"]
     for k in profiles[0]["parts_ms"]:
@@ -231,7 +231,8 @@ NOTES = """\
 How to read it:
 - Ceiling: the bare model (ours, same weights) decoding B rows at once, one synchronous step at a time (forward,
   greedy argmax, `mx.eval`), from B prompts of the streams' length, for as many steps as a stream has tokens;
-  tokens/s = B / median step time; "ceiling / one row": its steps taking turns with one row's, the median of
+  tokens/s = B / mean step time (over the total time, as streams are counted: a median would hide the stalls
+  that the streams see); "ceiling / one row": its steps taking turns with one row's, the median of
   B x (one-row step time) / (batch step time). On this CPU the matmuls are compute-bound, so a batch of B costs nearly B
   single steps: this ceiling, not B x the single-stream speed, is what a batching server can reach here (on a
   Mac GPU decode is bandwidth-bound and batching pays far more).
