@@ -106,24 +106,28 @@ def aggregate(streams: list[list[float]], trim: float = TRIM) -> dict:
 def ceiling_run(lm, streams: int, prompt: int, tokens: int, first: int) -> dict:
     """``streams`` rows (prompts ``first``, ``first + 1``, ...) decoded together by the bare model, taking turns
     step by step (order alternating) with one row decoded alone, for the batch's speed-up over one row measured
-    side by side: the median over steps of B x (one-row step time) / (batch step time)."""
+    side by side: the median over steps of B x (one-row step time) / (batch step time). ``cpu_tps``: the batch's
+    tokens over the process CPU time of its whole job (prefill and steps), as counted for the servers."""
     import mlx.core as mx
 
     sizes = [streams] if streams == 1 else [streams, 1]
-    caches, token = {}, {}
+    caches, token, cpu = {}, {}, {}
     for b in sizes:
         start = first if b == streams else first + 50
         ids = mx.array([prompt_ids(start + i, prompt) for i in range(b)], dtype=mx.int32)  # (B, P)
+        c = time.process_time()
         caches[b] = lm.make_cache()
         token[b] = mx.argmax(lm(ids, cache=caches[b])[:, -1:], axis=-1)  # (B, 1)
         mx.eval(token[b])
+        cpu[b] = time.process_time() - c
     times: dict[int, list[float]] = {b: [] for b in sizes}
     for i in range(tokens - 1):  # a stream of M tokens takes M - 1 decode steps after its prefill
         for b in (sizes if i % 2 == 0 else sizes[::-1]):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             token[b] = mx.argmax(lm(token[b], cache=caches[b])[:, -1:], axis=-1)
             mx.eval(token[b])
             times[b].append(time.perf_counter() - t)
+            cpu[b] += time.process_time() - c
     del caches
     mx.clear_cache()
     batch, one = times[streams][2:], times[1][2:]  # warm-up steps dropped
@@ -131,7 +135,8 @@ def ceiling_run(lm, streams: int, prompt: int, tokens: int, first: int) -> dict:
     return {"streams": streams, "tps": streams * len(batch) / sum(batch), "step_s": sum(batch) / len(batch),
             "step_median_s": statistics.median(batch), "steps": len(batch),
             "one_row_step_s": sum(one) / len(one),
-            "speedup_vs_1": statistics.median(streams * a / b for a, b in zip(one, batch))}
+            "speedup_vs_1": statistics.median(streams * a / b for a, b in zip(one, batch)),
+            "cpu_tps": streams * tokens / cpu[streams]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -140,6 +140,8 @@ class Resident(Process):
         cpu1, wall = self.cpu(), time.perf_counter() - t0
         if cpu0 is not None and cpu1 is not None:
             out["cpu_per_s"] = (cpu1 - cpu0) / wall
+            if "cpu_tps" not in out and out.get("tokens"):
+                out["cpu_tps"] = out["tokens"] / (cpu1 - cpu0)
         return out
 
     def stop(self) -> None:
@@ -251,6 +253,7 @@ async def level(server: Server, n: int, prompt: int, tokens: int, first: int) ->
     out = dict(aggregate([r.stamps for r in records]), streams=n, **_summary(records), request_wall_s=wall)
     if cpu0 is not None and cpu1 is not None:
         out["cpu_per_s"] = (cpu1 - cpu0) / wall  # CPU cores the server kept busy
+        out["cpu_tps"] = sum(g or 0 for g in out["generated"]) / (cpu1 - cpu0)  # tokens per CPU-second, whole job
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 GOALS = {"streams": (">=", 3.0), "vs-mlx-lm": (">=", 2.5), "ttft": ("<=", 2.0)}
 MODEL = "scout-serve f32"
 IMPLS = ("ceiling", "engine", "ours", "mlx-lm")
+CPU = "cpu_tps"  # tokens per CPU-second of the measured process, whole job: the cross-check on a shared machine
 
 
 def _median(xs) -> Optional[float]:
@@ -24,24 +25,24 @@ def _f(x: Optional[float], nd: int = 2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def _tps(s: dict) -> dict[str, dict[tuple[int, int], float]]:
-    """tokens/s by process and (stream count, repeat)."""
-    return {k: {(r["streams"], r["repeat"]): r.get("tps") for r in runs if "streams" in r}
+def _tps(s: dict, key: str = "tps") -> dict[str, dict[tuple[int, int], float]]:
+    """tokens/s (``key``: "tps", or "cpu_tps" per CPU-second) by process and (stream count, repeat)."""
+    return {k: {(r["streams"], r["repeat"]): r.get(key) for r in runs if "streams" in r}
             for k, runs in (s.get("levels") or {}).items()}
 
 
-def series(s: dict) -> dict[str, dict[int, float]]:
+def series(s: dict, key: str = "tps") -> dict[str, dict[int, float]]:
     """Median tokens/s over the repeats, by process and stream count."""
     out = {}
-    for k, by in _tps(s).items():
+    for k, by in _tps(s, key).items():
         ns = sorted({n for n, _ in by})
         out[k] = {n: _median(v for (m, _), v in by.items() if m == n) for n in ns}
     return out
 
 
-def paired(s: dict, a: str, n: int, b: str, m: int) -> Optional[float]:
+def paired(s: dict, a: str, n: int, b: str, m: int, key: str = "tps") -> Optional[float]:
     """Median over repeats of a's tokens/s at n streams / b's at m streams, both of the same repeat."""
-    t = _tps(s)
+    t = _tps(s, key)
     reps = sorted({r for _, r in t.get(a, {})})
     return _median(t[a].get((n, r)) / t[b][(m, r)] for r in reps
                    if t[a].get((n, r)) and t.get(b, {}).get((m, r)))
@@ -71,7 +72,7 @@ def add_rows(results: dict, add: Callable) -> None:
     top = max(ours)
     speed, bound = paired(s, "ours", top, "ours", 1), ceiling_speedup(s, top)
     add("7", f"aggregate decode tok/s, ours at {top} streams / ours at 1", MODEL, _f(ours.get(top), 1),
-        _f(ours.get(1), 1), speed, GOALS["streams"],
+        _f(ours.get(1), 1), speed, GOALS["streams"], paired(s, "ours", top, "ours", 1, CPU),
         note=f"ceiling on this machine: the bare batch-{top} step gives {_f(bound)}x batch 1's tokens/s",
         why=(f"above the ceiling: on this CPU the bare model's batch-{top} decode step (compute-bound matmuls) "
              f"gives only {_f(bound)}x batch 1's tokens/s, so no batching server can reach "
@@ -90,11 +91,11 @@ def add_rows(results: dict, add: Callable) -> None:
                    "the item 7 section for the profile and the run-to-run spread")
         add("7", f"aggregate decode tok/s at {n} stream{'s' if n > 1 else ''}, ours server / mlx-lm server",
             MODEL, _f(ours.get(n), 1), _f(mlx.get(n), 1), paired(s, "ours", n, "mlx-lm", n), goal,
-            note=f"ceiling {_f(ceil.get(n), 1)} tok/s = {_f(room)}x mlx-lm", why=why)
+            paired(s, "ours", n, "mlx-lm", n, CPU), note=f"ceiling {_f(ceil.get(n), 1)} tok/s = {_f(room)}x mlx-lm", why=why)
     for n in sorted(ours):
         add("7", f"  ours server / ceiling (bare batch-{n} step), {n} stream{'s' if n > 1 else ''}", MODEL,
-            _f(ours.get(n), 1), _f(ceil.get(n), 1), paired(s, "ours", n, "ceiling", n),
-            note=f"engine without HTTP / ceiling: {_f(paired(s, 'engine', n, 'ceiling', n))}")
+            _f(ours.get(n), 1), _f(ceil.get(n), 1), paired(s, "ours", n, "ceiling", n), None,
+            paired(s, "ours", n, "ceiling", n, CPU), note=f"engine without HTTP / ceiling: {_f(paired(s, 'engine', n, 'ceiling', n))}")
     for impl, label in (("ours", "ours"), ("mlx-lm", "mlx-lm server")):
         t = (s.get("ttft") or {}).get(impl)
         if not t:
@@ -145,7 +146,7 @@ def section_markdown(results: dict, plots: list[str]) -> str:
         reps = sorted({r for m_, r in t.get("ours", {}) if m_ == n})
         cells = ["/".join(_f(t.get(k, {}).get((n, r)), 0) for k in IMPLS) for r in reps]
         lines.append(f"- {n} stream{'s' if n > 1 else ''}: " + "; ".join(cells))
-    lines += [""] + _cpu_lines(s) + _ttft_lines(s) + _profile_lines(s) + _check_lines(s) + [NOTES]
+    lines += [""] + _cpu_lines(s) + _cpu_table(s) + _ttft_lines(s) + _profile_lines(s) + _check_lines(s) + [NOTES]
     if "serving.png" in plots:
         lines += ["", "![serving.png](serving.png)", ""]
     return "\n".join(lines)
@@ -163,6 +164,26 @@ def _cpu_lines(s: dict) -> list[str]:
     if not rows:
         return []
     return ["CPU cores each process kept busy while measured (1, 2, 4, 8 streams): " + "; ".join(rows) + ".", ""]
+
+
+def _cpu_table(s: dict) -> list[str]:
+    """The same per CPU-second of the measured process (the whole job, prefill included), a cross-check that
+    waiting for a CPU taken by other work on the machine does not count in."""
+    ser = series(s, CPU)
+    if not ser.get("ours"):
+        return []
+    lines = ["Tokens per CPU-second of each process, for the whole job (prefill included; median of the repeats), "
+             "and the same ratios by CPU time:", "",
+             "| streams | ceiling | engine, no HTTP | ours server | mlx-lm server | ours / ours at 1 | ceiling / "
+             "ceiling at 1 | ours / mlx-lm | ours / ceiling | engine / ceiling |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted(ser["ours"]):
+        lines.append(
+            f"| {n} | " + " | ".join(_f(ser.get(k, {}).get(n), 1) for k in IMPLS) + " | "
+            f"{_f(paired(s, 'ours', n, 'ours', 1, CPU))} | {_f(paired(s, 'ceiling', n, 'ceiling', 1, CPU))} | "
+            f"{_f(paired(s, 'ours', n, 'mlx-lm', n, CPU))} | {_f(paired(s, 'ours', n, 'ceiling', n, CPU))} | "
+            f"{_f(paired(s, 'engine', n, 'ceiling', n, CPU))} |")
+    return lines + [""]
 
 
 def _ttft_lines(s: dict) -> list[str]:
