@@ -212,7 +212,25 @@ def _profile_lines(s: dict) -> list[str]:
              "| whole decode step | " + " | ".join(f"{p['step_ms']:.2f}" for p in profiles) + " |"]
     for k in profiles[0]["parts_ms"]:
         lines.append(f"| {k} | " + " | ".join(f"{p['parts_ms'][k]:.2f}" for p in profiles) + " |")
+    host = [(p["streams"], _host_ms(p), p["step_ms"]) for p in profiles]
+    lines += ["", "The engine is synchronous: each step builds the forward graph, evaluates it (`mx.eval` in `_sample`), "
+              "then reads every row's token (`.item()`) and does the row's bookkeeping before the next graph is "
+              "built, so the host work is added to the computation instead of overlapping it: "
+              + ", ".join(f"{h:.1f} of {t:.1f} ms ({100 * h / t:.0f}%) at {n} stream{'s' if n > 1 else ''}"
+                          for n, h, t in host)
+              + ". What would close it (not changed here): evaluate step t + 1 asynchronously (`mx.async_eval`) "
+              "before taking step t's tokens to the host, feeding the sampled tokens as a lazy array, as mlx-lm's "
+              "`generate_step` and `BatchGenerator` do (a row that finished at step t costs one wasted row of step "
+              "t + 1); sample all greedy rows with one `argmax` over (B, V) instead of one small graph per row; "
+              "detokenize off the device thread. The rest of the step is the matmuls themselves, which on this "
+              "CPU grow with the batch (see the ceiling)."]
     return lines + [""]
+
+
+def _host_ms(p: dict) -> float:
+    """Milliseconds of a step spent on the host (Python) rather than in ``mx.eval``."""
+    parts = p["parts_ms"]
+    return sum(v for k, v in parts.items() if not k.startswith(" ") and k != "mx.eval (the computation)")
 
 
 def _check_lines(s: dict) -> list[str]:
@@ -293,6 +311,9 @@ def plot(results: dict, out_dir: Path, plt) -> Optional[str]:
     ours = ser["ours"]
     top = max(ours)
     if ours.get(1):
+        xs = [n for n in sorted(ours) if ceiling_speedup(s, n)]
+        ax.plot(xs, [ceiling_speedup(s, n) * ours[1] for n in xs], ls=":", color="gray",
+                label="ours at 1 stream x the ceiling's batch-N speed-up (paired)")
         ax.plot([top], [GOALS["streams"][1] * ours[1]], marker="*", ms=13, ls="none", color="C0",
                 label=f"goal: {GOALS['streams'][1]:g}x ours at 1 stream")
     if ser.get("mlx-lm", {}).get(top):
