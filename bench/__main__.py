@@ -1,9 +1,10 @@
 """``python -m bench``: every benchmark, each configuration in a fresh worker process, then the report.
 
-    python -m bench                 # everything (8-11 minutes on 2 shared CPU cores)
-    python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~4 minutes)
-    python -m bench --only 1,4      # some items only (1-6, listed in bench/README.md)
+    python -m bench                 # everything (14-17 minutes on 2 shared CPU cores)
+    python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~7 minutes)
+    python -m bench --only 1,4      # some items only (1-7, listed in bench/README.md)
     python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
+                                    # (with --only: replaces those items there, keeps the others)
     python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
 
 Writes results.json, RESULTS.md and the plots into a new folder ``bench-results/<date-time>/`` under the current
@@ -22,10 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report
+from . import report, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "bench"  # the copy README.md quotes
+ALL_ITEMS = "1,2,3,4,5,6,7"
+# the results.json keys each item writes
+ITEM_KEYS = {1: ("speed", "mlx_lm_raw_load"), 2: ("kernel_sum",), 3: ("experts",),
+             4: ("context_speed", "context", "context_chunked_prefill"), 5: ("vision",), 6: ("convert",),
+             7: ("serving",)}
 
 
 def run_worker(task: str, timeout: float = 1200, **kwargs) -> dict:
@@ -58,7 +64,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and context lengths")
-    ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated item numbers (default: all)")
+    ap.add_argument("--only", default=ALL_ITEMS, help="comma-separated item numbers (default: all)")
     ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--out", default=None,
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
                      "repeats": repeats, "quick": args.quick, "items": sorted(items)}
 
     print("building / reusing checkpoints", flush=True)
-    names = ["scout", "maverick", "maverick16", "scout-wide", "vision"]
+    names = ["scout", "maverick", "maverick16", "scout-wide", "vision"] + ([serving.NAME] if 7 in items else [])
     results["checkpoints"] = run_worker("build", names=names)
 
     short, long = 64, 4 * 128 + 64  # long: 4.5 chunks of 128; decoding goes on inside the 5th chunk
@@ -136,10 +142,35 @@ def main(argv=None) -> int:
             run_worker("convert", name="maverick", quantize=True, dtype=None),
             run_worker("convert", name="maverick", quantize=False, dtype="bfloat16", max_shard_size="200MB"),
         ]
+    if 7 in items:
+        print("7. serving: aggregate decode tokens/s at 1-8 streams, ours / mlx-lm's server / the bare batch step",
+              flush=True)
+        t_item, item_machine = time.perf_counter(), report.machine_info()
+        s = run_worker("serving", timeout=1800, streams=list(serving.STREAMS), prompt=64,
+                       tokens=64 if args.quick else 128, repeats=1 if args.quick else 3, probes=5)
+        s["machine"] = dict(item_machine, loadavg_end=report.loadavg(), runtime_s=time.perf_counter() - t_item)
+        results["serving"] = s
     results["runtime_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_end"] = report.loadavg()
+    if args.update_docs and items != {int(x) for x in ALL_ITEMS.split(",")} and (DOCS / "results.json").exists():
+        results = merged(json.loads((DOCS / "results.json").read_text()), results, items)
     report.write_all(results, out_dir)
     return 0
+
+
+def merged(old: dict, new: dict, items: set[int]) -> dict:
+    """The docs copy after a run of some items only: those items' results replaced, the others kept with the
+    machine and command of their run; the partial run is listed in ``partial_runs``."""
+    out = dict(old)
+    for item in items:
+        for key in ITEM_KEYS[item]:
+            out.pop(key, None)
+            if key in new:
+                out[key] = new[key]
+    out["items"] = sorted(set(old.get("items", [])) | items)
+    out["partial_runs"] = [*old.get("partial_runs", []), {"items": sorted(items), "machine": new["machine"],
+                                                           "command": new["command"], "runtime_s": new["runtime_s"]}]
+    return out
 
 
 if __name__ == "__main__":

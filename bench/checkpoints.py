@@ -22,6 +22,8 @@ import copy
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,14 @@ CHUNK = 128
 VOCAB = dict(vocab_size=2048, bos_token_id=1000, eos_token_id=[1001], pad_token_id=1002)
 SPECIAL = dict(image_token_index=1020, boi_token_index=1010, eoi_token_index=1011)
 PROMPT_ID_RANGE = 1000  # prompts use ids below the special ones
+
+# Checkpoints that a server loads need a tokenizer: those carry the demo model's (mlx_llama4/demo: byte-level BPE,
+# 1152 tokens, Llama 4's special tokens by name, the real chat template), with its vocabulary and special ids.
+DEMO = Path(__file__).resolve().parent.parent / "mlx_llama4" / "demo"
+_DEMO_VOCAB = dict(vocab_size=1152, bos_token_id=562, eos_token_id=[563, 569, 570], pad_token_id=580)
+_DEMO_SPECIAL = dict(image_token_index=654, boi_token_index=642, eoi_token_index=643)
+_DEMO_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+WORD = re.compile(r"^\u0120[A-Za-z]+$")  # a byte-level BPE token " word": ASCII letters after a space (\u0120 = Ġ)
 
 _TEXT_BASE = dict(
     model_type="llama4_text", hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
@@ -78,6 +88,13 @@ SPECS: dict[str, tuple[dict, dict, str]] = {
         _TINY_VISION,
         "the Maverick shape with 16 experts (same active size)",
     ),
+    "scout-serve": (
+        dict(num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True, rope_scaling=_LLAMA3,
+             **_DEMO_VOCAB),
+        _TINY_VISION,
+        "Scout-shaped with the demo model's tokenizer (1152 tokens), lm_head rows zero but for ' word' tokens: "
+        "for the serving item",
+    ),
     "vision": (
         dict(hidden_size=64, head_dim=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
              intermediate_size=128, intermediate_size_mlp=256, num_local_experts=4, interleave_moe_layer_step=1,
@@ -98,6 +115,22 @@ def vision_config(name: str) -> dict:
     return copy.deepcopy(SPECS[name][1])
 
 
+def served(name: str) -> bool:
+    """Whether checkpoint ``name`` carries the demo tokenizer (for the servers)."""
+    return text_config(name)["vocab_size"] == _DEMO_VOCAB["vocab_size"]
+
+
+def special(name: str) -> dict:
+    return dict(_DEMO_SPECIAL if served(name) else SPECIAL)
+
+
+def word_token_ids() -> list[int]:
+    """Ids of the demo tokenizer's " word" tokens (a space, then ASCII letters): each decodes to text of its
+    own, so a streaming server sends one chunk per token, whatever its detokenizer."""
+    vocab = json.loads((DEMO / "tokenizer.json").read_text())["model"]["vocab"]
+    return sorted(i for t, i in vocab.items() if WORD.match(t))
+
+
 def cache_root() -> Path:
     root = os.environ.get("MLX_LLAMA4_BENCH_CACHE")
     if root:
@@ -106,7 +139,10 @@ def cache_root() -> Path:
 
 
 def _key(name: str, seed: int) -> str:
-    blob = json.dumps([text_config(name), vision_config(name), SPECIAL, seed], sort_keys=True).encode()
+    parts = [text_config(name), vision_config(name), special(name), seed]
+    if served(name):
+        parts.append(["demo tokenizer", "lm_head: word tokens only"])
+    blob = json.dumps(parts, sort_keys=True).encode()
     return f"{name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
@@ -124,11 +160,21 @@ def _build(name: str, seed: int, path: Path) -> None:
 
     torch.manual_seed(seed)
     cfg = Llama4Config(text_config=text_config(name), vision_config=vision_config(name),
-                       tie_word_embeddings=False, **SPECIAL)
+                       tie_word_embeddings=False, **special(name))
     with torch.no_grad():
         model = Llama4ForConditionalGeneration(cfg).float().eval()
+        if served(name):
+            # Greedy decoding of random weights then only ever picks " word" tokens (their logits are random,
+            # the others exactly 0): never an end token (like ignore_eos), never a special token, so every
+            # request generates exactly max_tokens tokens, one streamed chunk each, in every server.
+            keep = torch.zeros(cfg.text_config.vocab_size, dtype=torch.bool)
+            keep[word_token_ids()] = True
+            model.language_model.lm_head.weight[~keep] = 0.0
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    if served(name):
+        for f in _DEMO_FILES:
+            shutil.copy(DEMO / f, path / f)
     write_compat(path)
     (path / "DONE").write_text(json.dumps({"name": name, "seed": seed}))
 
@@ -160,7 +206,7 @@ def write_compat(path: Path) -> Path:
     if cfg.get("vision_config"):
         cfg["vision_config"] = _legacy_vision(cfg["vision_config"])
     (compat / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in path.glob("*.safetensors*"):
+    for f in [*path.glob("*.safetensors*"), *(path / f for f in _DEMO_FILES if (path / f).exists())]:
         link = compat / f.name
         if not link.exists():
             link.symlink_to(f.resolve())

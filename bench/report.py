@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+from . import serving_report
+
 GOALS = {
     "1-short": (">=", 1.0),
     "1-long": (">=", 1.25),
@@ -108,9 +110,10 @@ def _f(x: Optional[float], nd: int = 2) -> str:
 def rows(results: dict) -> list[dict]:
     out: list[dict] = []
 
-    def add(item, measure, model, ours, ref, ratio, goal=None, cpu_ratio=None, note=""):
+    def add(item, measure, model, ours, ref, ratio, goal=None, cpu_ratio=None, note="", why=None):
         out.append(dict(item=item, measure=measure, model=model, ours=ours, ref=ref, ratio=ratio,
-                        cpu_ratio=cpu_ratio, goal=_goal_text(goal), verdict=verdict(ratio, goal), note=note))
+                        cpu_ratio=cpu_ratio, goal=_goal_text(goal), verdict=verdict(ratio, goal), note=note,
+                        **({"why": why} if why else {})))
 
     for r in results.get("speed", []):
         if "error" in r:
@@ -185,6 +188,7 @@ def rows(results: dict) -> list[dict]:
             note=f"{c['shards']} shard(s) from a {c['source_bytes'] / 1e6:.0f} MB source; peak above the "
                  f"interpreter's {c['baseline_rss_bytes'] / 1e6:.0f} MB: {c['peak_above_baseline_bytes'] / 1e6:.0f} MB "
                  f"-> {c['ratio_above_baseline']:.2f}")
+    serving_report.add_rows(results, add)
     return out
 
 
@@ -247,6 +251,8 @@ WHY = {
 
 
 def _why(r: dict) -> str:
+    if r.get("why"):
+        return f" ({r['why']})"
     key = r["item"]
     if key == "1" and "long" in r["measure"]:
         key = "1-long-" + ("prefill" if "prefill" in r["measure"] else "decode")
@@ -269,7 +275,7 @@ def missed_markdown(rs: list[dict]) -> str:
 def plot(results: dict, out_dir: Path) -> list[str]:
     pts = [p for p in results.get("context", []) if "peak_bytes" in p]
     speed = (results.get("context_speed") or {}).get("points", [])
-    if not pts and not speed:
+    if not pts and not speed and not results.get("serving"):
         return []
     try:
         import matplotlib
@@ -344,7 +350,8 @@ def plot(results: dict, out_dir: Path) -> list[str]:
         fig.savefig(out_dir / "memory.png", dpi=120)
         plt.close(fig)
         files.append("memory.png")
-    return files
+    serving_plot = serving_report.plot(results, out_dir, plt)
+    return files + ([serving_plot] if serving_plot else [])
 
 
 def speed_markdown(results: dict) -> str:
@@ -407,6 +414,9 @@ def results_markdown(results: dict, rs: list[dict], plots: list[str]) -> str:
         f"transformers {v.get('transformers')}, torch {v.get('torch')}, mlx-llama4 {v.get('mlx-llama4')}",
         f"- command: `{results['command'].strip()}` ({results['repeats']} repeats), runtime "
         f"{results['runtime_s'] / 60:.1f} min",
+        *(f"- then `{r['command'].strip()}` on {r['machine']['date']} re-measured item(s) "
+          f"{', '.join(map(str, r['items']))} (load average {r['machine'].get('loadavg_start')} at start), "
+          f"{r['runtime_s'] / 60:.1f} min" for r in results.get("partial_runs", [])),
         "",
         table_markdown(rs),
         "",
@@ -423,7 +433,9 @@ def results_markdown(results: dict, rs: list[dict], plots: list[str]) -> str:
         NOTES,
     ]
     for p in plots:
-        parts += [f"![{p}]({p})", ""]
+        if p != "serving.png":
+            parts += [f"![{p}]({p})", ""]
+    parts.append(serving_report.section_markdown(results, plots))
     return "\n".join(parts)
 
 
