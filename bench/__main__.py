@@ -2,7 +2,7 @@
 
     python -m bench                 # everything (8-11 minutes on 2 shared CPU cores)
     python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~4 minutes)
-    python -m bench --only 1,4      # some items only (1-6, listed in bench/README.md)
+    python -m bench --only 1,4      # some items only (1-7, listed in bench/README.md)
     python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
     python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
 
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report
+from . import report, sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "bench"  # the copy README.md quotes
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and context lengths")
-    ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated item numbers (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated item numbers (default: all)")
     ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--out", default=None,
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                      "repeats": repeats, "quick": args.quick, "items": sorted(items)}
 
     print("building / reusing checkpoints", flush=True)
-    names = ["scout", "maverick", "maverick16", "scout-wide", "vision"]
+    names = ["scout", "maverick", "maverick16", "scout-wide", "vision", "scout-tp"]
     results["checkpoints"] = run_worker("build", names=names)
 
     short, long = 64, 4 * 128 + 64  # long: 4.5 chunks of 128; decoding goes on inside the 5th chunk
@@ -136,6 +136,10 @@ def main(argv=None) -> int:
             run_worker("convert", name="maverick", quantize=True, dtype=None),
             run_worker("convert", name="maverick", quantize=False, dtype="bfloat16", max_shard_size="200MB"),
         ]
+    if 7 in items:
+        print("7. 1, 2 and 4 processes (mlx.launch --backend ring on this machine): memory, bytes per token, "
+              "decode step split", flush=True)
+        results["sharding"] = sharding.run(steps=steps // 2)
     results["runtime_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_end"] = report.loadavg()
     report.write_all(results, out_dir)

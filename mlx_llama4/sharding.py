@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .moe import MoE, Experts, SwiGLU
+from .moe import Experts, MoE, SwiGLU
 from .weights import CheckpointError, Entry, Getter
 
 PARALLEL_MODES = ("tensor", "pipeline")
@@ -41,15 +41,11 @@ class ShardingError(ValueError):
 
 @dataclass(frozen=True)
 class Sharding:
-    """How a loaded model is split: ``mode`` "tensor" (heads, experts and MLP widths, README.md "Several
-    Macs") or "pipeline" (layers); the group's processes run the same calls in step."""
+    """How a loaded model is split across ``group``: ``mode`` "tensor" (heads, experts and MLP widths) or
+    "pipeline" (layers). The group's processes must make the same calls in step."""
 
     group: mx.distributed.Group
     mode: str
-
-    @property
-    def rank(self) -> int:
-        return self.group.rank()
 
     @property
     def size(self) -> int:
