@@ -7,7 +7,6 @@ test_sharding_launch.py."""
 import re
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from checkpoints import PARITY, rel_err
-from mlx_llama4 import load, stream_generate
+from mlx_llama4 import load
 from sharding_checkpoints import IMAGE_PROMPT, TEXT_PROMPT, token_ids, write_checkpoints
 from sharding_worker import STEPS, parameter_bytes
 
@@ -49,11 +49,11 @@ def free_ports(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
-def launch(n: int, command: list[str], cwd=None, input: str = "") -> subprocess.CompletedProcess:
+def launch(n: int, command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``command`` run by ``n`` processes under ``mlx.launch --backend ring`` on this machine."""
     args = [str(MLX_LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_ports(n)), "--",
             *command]
-    return subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, cwd=cwd, input=input)
+    return subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, cwd=cwd, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
