@@ -9,10 +9,13 @@ collectives, slow where the processes outnumber the cores.
 """
 
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -50,10 +53,22 @@ def free_ports(n: int) -> int:
 
 
 def launch(n: int, command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``command`` run by ``n`` processes under ``mlx.launch --backend ring`` on this machine."""
+    """``command`` run by ``n`` processes under ``mlx.launch --backend ring`` on this machine. Its standard input
+    stays open and empty: at the end of its input, mlx.launch would poll it in a busy loop."""
     args = [str(MLX_LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_ports(n)), "--",
             *command]
-    return subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, cwd=cwd, stdin=subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, cwd=cwd, stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:  # timed out: end the launcher and the processes it started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            proc.stdin.close()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, proc.returncode, out.read().decode(), err.read().decode())
 
 
 @pytest.fixture(scope="module")
