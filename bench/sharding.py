@@ -1,4 +1,4 @@
-"""7. The model split across processes on this machine (tensor parallelism, ``mlx.launch --backend ring`` on
+"""8. The model split across processes on this machine (tensor parallelism, ``mlx.launch --backend ring`` on
 127.0.0.1): per-process peak memory / one process's, bytes communicated per decoded token, and the decode step
 split into compute and communication.
 
@@ -108,7 +108,7 @@ def measure(spec: dict) -> dict:
 
 
 def run(counts=(1, 2, 4), steps: int = 24, prompt: int = 64, timeout: float = 1200) -> dict:
-    """Item 7: each process count in its own launch; per count, every process's measures and a summary."""
+    """Item 8: each process count in its own launch; per count, every process's measures and a summary."""
     path = ck.checkpoint(MODEL)
     spec = {"path": str(path), "steps": steps, "prompt": prompt}
     launcher = Path(sys.executable).parent / "mlx.launch"
