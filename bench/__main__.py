@@ -1,8 +1,8 @@
 """``python -m bench``: every benchmark, each configuration in a fresh worker process, then the report.
 
-    python -m bench                 # everything (14-17 minutes on 2 shared CPU cores)
-    python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~7 minutes)
-    python -m bench --only 1,4      # some items only (1-7, listed in bench/README.md)
+    python -m bench                 # everything (20-25 minutes on 2 shared CPU cores)
+    python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~10 minutes)
+    python -m bench --only 1,4      # some items only (1-8, listed in bench/README.md)
     python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
                                     # (with --only: replaces those items there, keeps the others)
     python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
@@ -23,15 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report, serving
+from . import report, serving, sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "bench"  # the copy README.md quotes
-ALL_ITEMS = "1,2,3,4,5,6,7"
+ALL_ITEMS = "1,2,3,4,5,6,7,8"
 # the results.json keys each item writes
 ITEM_KEYS = {1: ("speed", "mlx_lm_raw_load"), 2: ("kernel_sum",), 3: ("experts",),
              4: ("context_speed", "context", "context_chunked_prefill"), 5: ("vision",), 6: ("convert",),
-             7: ("serving",)}
+             7: ("serving",), 8: ("sharding",)}
 
 
 def run_worker(task: str, timeout: float = 1200, **kwargs) -> dict:
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
                      "repeats": repeats, "quick": args.quick, "items": sorted(items)}
 
     print("building / reusing checkpoints", flush=True)
-    names = ["scout", "maverick", "maverick16", "scout-wide", "vision"] + ([serving.NAME] if 7 in items else [])
+    names = ["scout", "maverick", "maverick16", "scout-wide", "vision"] + ([serving.NAME] if 7 in items else []) \
+        + (["scout-tp"] if 8 in items else [])
     results["checkpoints"] = run_worker("build", names=names)
 
     short, long = 64, 4 * 128 + 64  # long: 4.5 chunks of 128; decoding goes on inside the 5th chunk
@@ -150,6 +151,10 @@ def main(argv=None) -> int:
                        tokens=64 if args.quick else 128, repeats=1 if args.quick else 3, probes=5)
         s["machine"] = dict(item_machine, loadavg_end=report.loadavg(), runtime_s=time.perf_counter() - t_item)
         results["serving"] = s
+    if 8 in items:
+        print("8. 1, 2 and 4 processes (mlx.launch --backend ring on this machine): memory, bytes per token, "
+              "decode step split", flush=True)
+        results["sharding"] = sharding.run(steps=steps // 2)
     results["runtime_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_end"] = report.loadavg()
     if args.update_docs and items != {int(x) for x in ALL_ITEMS.split(",")} and (DOCS / "results.json").exists():

@@ -78,6 +78,12 @@ SPECS: dict[str, tuple[dict, dict, str]] = {
         _TINY_VISION,
         "Scout-shaped, 4x wider (hidden 1024, head_dim 128, 4 layers): for the decode-overhead item",
     ),
+    "scout-tp": (
+        dict(num_attention_heads=8, num_key_value_heads=4, num_local_experts=16, interleave_moe_layer_step=1,
+             use_qk_norm=True, rope_scaling=_LLAMA3),
+        _TINY_VISION,
+        "Scout-shaped with 8 query heads on 4 KV heads (2 and 4 processes share them evenly): for item 8",
+    ),
     "maverick": (
         dict(num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False, rope_scaling=None),
         _TINY_VISION,

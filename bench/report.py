@@ -18,6 +18,7 @@ GOALS = {
     "3": ("<=", 1.1),
     "4": ("<=", 1.0),
     "6": ("<=", 1.5),
+    # 8: per-process peak memory / one process's, at most 1/N + 15% (set per process count in rows())
 }
 
 
@@ -189,6 +190,23 @@ def rows(results: dict) -> list[dict]:
                  f"interpreter's {c['baseline_rss_bytes'] / 1e6:.0f} MB: {c['peak_above_baseline_bytes'] / 1e6:.0f} MB "
                  f"-> {c['ratio_above_baseline']:.2f}")
     serving_report.add_rows(results, add)
+    sh = results.get("sharding")
+    for n, d in (sh or {}).get("counts", {}).items():
+        if n == "1":
+            continue
+        if "summary" not in d:
+            add("8", f"{n} processes", sh["model"], "-", "-", None, note=f"error: {d.get('error', '')[-300:]}")
+            continue
+        s = d["summary"]
+        add("8", f"per-process peak MB, {n} processes / one process", f"{sh['model']} f32",
+            _f(s["peak_bytes"] / 1e6, 1), _f(s["one_peak_bytes"] / 1e6, 1), s["peak_ratio"], ("<=", s["goal"]))
+        add("8", f"bytes all-summed per decoded token, {n} processes", f"{sh['model']} f32",
+            f"{s['bytes_per_token']}", "-", None,
+            note=f"{s['collectives_per_token']} all_sums per token (2 per layer and the token)")
+        add("8", f"decode step ms, {n} processes (ratio: / one process's)", f"{sh['model']} f32",
+            _f(1e3 * s["step_s"]), _f(1e3 * s["one_step_s"]), s["step_s"] / s["one_step_s"],
+            note=f"communication {1e3 * s['comm_s']:.2f} ms (the step's all_sums replayed alone), compute "
+                 f"{1e3 * s['compute_s']:.2f} ms; {n} processes on {results['machine']['cpu_count']} cores")
     return out
 
 

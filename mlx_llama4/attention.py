@@ -28,6 +28,9 @@ class Attention(nn.Module):
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.uses_rope
         self.floor_scale = cfg.floor_scale
         self.attn_scale = cfg.attn_scale
+        # Set by sharding.py when heads are split across processes: this process holds n_heads / n_kv_heads of
+        # them, and o_proj's output is a partial sum over the group.
+        self.group = None
 
         d = cfg.hidden_size
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
@@ -66,4 +69,5 @@ class Attention(nn.Module):
             mask = "causal" if L > 1 else None
         k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)  # float or quantized KV
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)

@@ -8,6 +8,7 @@ its traceback), 130 interrupted by Ctrl-C (after cancelling the reply being gene
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import traceback
 from contextlib import closing
@@ -37,6 +38,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache of every layer to these bits")
     p.add_argument("--kv-group-size", type=int, default=None,
                    help="KV quantization group size (default: automatic, 64 or 32, whichever divides the head size)")
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default="tensor",
+                   help="under mlx.launch on several processes: split heads and experts (tensor, the default) or "
+                        "layers (pipeline, for slow links)")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -69,26 +73,45 @@ def _stream(chunks, out: TextIO, stats: bool) -> str:
     return "".join(text)
 
 
+class _Discard(io.TextIOBase):
+    """Where every process but process 0 writes, so that a run under mlx.launch prints once."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def _load(args: argparse.Namespace, out: TextIO):
+    """``(model, processor, out)``: under mlx.launch on several processes (README.md, "Several Macs") each
+    loads its share, and only process 0 writes to ``out``."""
+    from . import load
+    from .sharding import process_group
+
+    group = process_group()
+    model, processor = load(args.model, revision=args.revision, group=group, parallel=args.parallel)
+    return model, processor, (out if group is None or group.rank() == 0 else _Discard())
+
+
 def _generate(args: argparse.Namespace, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> int:
-    from . import load, stream_generate
+    from . import stream_generate
     from .chat_template import user_turn
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     prompt = stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip() and not args.image:
         raise ValueError("the prompt is empty" + (" (nothing on standard input)" if args.prompt == "-" else ""))
-    model, processor = load(args.model, revision=args.revision)
+    model, processor, out = _load(args, out)
     messages = _system(args) + [user_turn(prompt, len(args.image))]
     _stream(stream_generate(model, processor, messages, images=args.image, **_sampling(args)), out, stats=True)
     return EXIT_OK
 
 
 def _chat(args: argparse.Namespace, stdin: Optional[TextIO] = None, out: Optional[TextIO] = None) -> int:
-    from . import PromptCache, load, stream_generate
+    from . import PromptCache, stream_generate
     from .generation import resolve_sampling
+    from .sharding import everywhere
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    model, processor = load(args.model, revision=args.revision)
+    model, processor, out = _load(args, out)
     resolve_sampling(model, processor, **_sampling(args))  # bad settings end the session before it starts
     cache, messages, pending = PromptCache(model), _system(args), []
     out.write(f"Chat with Llama 4. Commands: {CHAT_COMMANDS}.\n")
@@ -110,7 +133,7 @@ def _chat(args: argparse.Namespace, stdin: Optional[TextIO] = None, out: Optiona
                 out.write("[conversation cleared]\n")
             elif command == "/image" and argument.strip():
                 path = Path(argument.strip()).expanduser()
-                if path.is_file():
+                if everywhere(model, path.is_file()):  # under mlx.launch: on every machine
                     pending.append(str(path))
                     out.write(f"[attached {path.name}]\n")
                 else:

@@ -18,13 +18,14 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .images import ImageInput
 from .model import Model
 from .prompt_cache import PromptCache, check_cache_model, embeddings_to_feed
 from .prompts import prepare_prompt
+from .sharding import rank0_sampler
 from .text_stream import TextStream, special_token_ids
 from .structured import JSONConstraint, json_schema_of
 
@@ -219,10 +220,12 @@ def stream_generate(
     embeddings = embeddings_to_feed(model, inputs.ids, start, inputs.image_spans, inputs.first_tiles,
                                     inputs.pixel_values)
     text = TextStream(processor.tokenizer, special_token_ids(processor.tokenizer))
+    sampler = make_sampler(temp=settings["temperature"], top_p=settings["top_p"], min_p=settings["min_p"],
+                           top_k=settings["top_k"])
+    if model.sharding is not None:  # split across processes: all feed process 0's token
+        sampler = rank0_sampler(sampler, model.sharding.group)
     steps = generate_step(
-        feed, model.language_model, max_tokens=max_tokens,
-        sampler=make_sampler(temp=settings["temperature"], top_p=settings["top_p"], min_p=settings["min_p"],
-                             top_k=settings["top_k"]),
+        feed, model.language_model, max_tokens=max_tokens, sampler=sampler,
         logits_processors=processors,
         prompt_cache=cache.layers,
         prefill_step_size=settings["prefill_step_size"] or model.config.text.attention_chunk_size or 2048,
@@ -249,6 +252,10 @@ def stream_generate(
             if finish:
                 return
     finally:
+        if model.sharding is not None:
+            # generate_step has started the step after the last token; let its collectives finish before the
+            # processes' next ones, which may run on another stream.
+            mx.synchronize(generation_stream)
         # Whatever was fed (the prompt and the tokens sampled so far) is what the cache now holds.
         held = np.concatenate([inputs.keys, np.asarray(generated, np.int64)])
         cache.keys = held[: cache.offset]

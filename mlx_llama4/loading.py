@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,7 +14,9 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig, load_config, read_config_json
 from .model import Model
 from .safetensors_reader import CheckpointReader
-from .weights import CheckpointError, canonical_module, sanitize
+from .pipeline import PipelineParallel
+from .sharding import PARALLEL_MODES, Sharding, TensorParallel
+from .weights import CheckpointError, canonical_module, plan_layout, sanitize
 
 __all__ = ["CheckpointError", "load", "load_model", "quantize_like_checkpoint", "infer_quant_params"]
 
@@ -28,7 +30,7 @@ def default_dtype() -> Optional[mx.Dtype]:
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
-def safetensors_files(path: Path) -> list[Path]:
+def checkpoint_reader(path: Path) -> CheckpointReader:
     """The shards of a checkpoint: those named by ``model.safetensors.index.json``, else every ``*.safetensors``.
 
     Index and headers are checked by the converter's strict reader (``safetensors_reader.CheckpointReader``), so
@@ -37,8 +39,12 @@ def safetensors_files(path: Path) -> list[Path]:
     reader = CheckpointReader(path)
     if reader.unlisted:
         warnings.warn(f"{path}: shards that model.safetensors.index.json does not name are not read: "
-                      f"{', '.join(reader.unlisted)}", stacklevel=3)
-    return [f.path for f in reader.files]
+                      f"{', '.join(reader.unlisted)}", stacklevel=4)
+    return reader
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    return [f.path for f in checkpoint_reader(path).files]
 
 
 def read_weights(files: list[Path]) -> dict[str, mx.array]:
@@ -153,30 +159,74 @@ def refuse_modelopt(path: Path) -> None:
         )
 
 
-def load_model(path_or_repo: str | Path, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None) -> Model:
+def _cast(array: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+    if dtype is None or array.dtype == dtype or not mx.issubdtype(array.dtype, mx.floating):
+        return array
+    return array.astype(dtype)
+
+
+def make_parallel(group: mx.distributed.Group, parallel: str, dtype: Optional[mx.Dtype],
+                  layers_per_rank: Optional[Sequence[int]]):
+    """What process ``group.rank()`` holds of the model for ``parallel`` ("tensor" or "pipeline")."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
+    if parallel == "tensor" and layers_per_rank is not None:
+        raise ValueError("layers_per_rank splits layers: it needs parallel='pipeline'")
+    return TensorParallel(group) if parallel == "tensor" else PipelineParallel(group, dtype, layers_per_rank)
+
+
+def read_shares(path: Path, config: ModelConfig, parallel, dtype: Optional[mx.Dtype]) -> tuple[Model, dict]:
+    """This process's model and weights for ``parallel`` (``sharding.TensorParallel`` or
+    ``pipeline.PipelineParallel``): only its share of each tensor is read from the files, cast and evaluated
+    one tensor at a time, so loading holds its share plus one tensor."""
+    reader = checkpoint_reader(path)
+    entries = plan_layout(reader.info(), fp8_dtype=dtype or mx.bfloat16)
+    config = without_absent_vision(config, [name for e in entries for name in e.outputs])
+    model = Model(config)
+    parallel.apply(model, entries)
+    weights: dict[str, mx.array] = {}
+    for entry in entries:
+        for name, array in parallel.read(entry, reader.get).items():
+            weights[name] = _cast(array, dtype)
+            mx.eval(weights[name])
+    return model, weights
+
+
+def load_model(path_or_repo: str | Path, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None,
+               group: Optional[mx.distributed.Group] = None, parallel: str = "tensor",
+               layers_per_rank: Optional[Sequence[int]] = None) -> Model:
     """Build the model of a checkpoint (a local folder, ``"demo"`` or a Hub repo id, as for ``load``) and load
     its weights.
 
     Reads every supported layout (``weights.py``): Hugging Face, per-expert, FP8 (dequantized), mlx-lm /
     mlx-vlm and our own MLX checkpoints, float or quantized. ``dtype`` casts floating-point weights (quantized
     integer weights are kept); the default is float32 on the CPU backend and the checkpoint's own dtype on Metal.
+
+    With a ``group`` of several processes (``mx.distributed.init()`` under ``mlx.launch``), each process holds
+    and reads only its share (README.md, "Several Macs"): ``parallel="tensor"`` splits heads, experts and MLP
+    widths (two ``all_sum`` per layer), ``"pipeline"`` splits the layers, in proportion to each machine's memory
+    or ``layers_per_rank``. Every process must then make the same calls (``generate``, the model) in step.
     """
     from .hub import resolve_model_path
 
+    sharded = group is not None and group.size() > 1
+    dtype = dtype or default_dtype()
+    split = make_parallel(group, parallel, dtype, layers_per_rank) if sharded else None
     path = resolve_model_path(path_or_repo, revision)
     refuse_modelopt(path)
     config: ModelConfig = load_config(path)
-    dtype = dtype or default_dtype()
-    # FP8 checkpoints are dequantized on the fly, to bfloat16 unless a dtype is asked for.
-    weights = sanitize(read_weights(safetensors_files(path)), fp8_dtype=dtype or mx.bfloat16)
-    config = without_absent_vision(config, weights)
-    model = Model(config)
-    if config.quantization or any(k.endswith(".scales") for k in weights):
-        quantize_like_checkpoint(model, config.quantization, weights)
+    if sharded:
+        model, weights = read_shares(path, config, split, dtype)
+    else:
+        # FP8 checkpoints are dequantized on the fly, to bfloat16 unless a dtype is asked for.
+        weights = sanitize(read_weights(safetensors_files(path)), fp8_dtype=dtype or mx.bfloat16)
+        model = Model(without_absent_vision(config, weights))
+    if model.config.quantization or any(k.endswith(".scales") for k in weights):
+        quantize_like_checkpoint(model, model.config.quantization, weights)
     check_shapes(dict(tree_flatten(model.parameters())), weights, path)
-    if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()))
+    model.load_weights([(k, _cast(v, dtype)) for k, v in weights.items()])
+    if sharded:
+        model.sharding = Sharding(group, parallel)
     try:
         mx.eval(model.parameters())
     except Exception as e:
@@ -185,16 +235,19 @@ def load_model(path_or_repo: str | Path, dtype: Optional[mx.Dtype] = None, revis
     return model
 
 
-def load(path_or_repo: str | Path, revision: Optional[str] = None, dtype: Optional[mx.Dtype] = None):
+def load(path_or_repo: str | Path, revision: Optional[str] = None, dtype: Optional[mx.Dtype] = None,
+         group: Optional[mx.distributed.Group] = None, parallel: str = "tensor",
+         layers_per_rank: Optional[Sequence[int]] = None):
     """``(model, processor)`` from a local checkpoint folder, ``"demo"`` (the bundled demo model) or a Hub repo
     id, in Hugging Face format (bf16, FP8) or MLX format (quantized, with a ``quantization`` block in
-    config.json)."""
+    config.json). ``group``, ``parallel`` and ``layers_per_rank`` split the model across processes, as for
+    ``load_model``."""
     from .generation import read_generation_config
     from .hub import resolve_model_path
     from .processor import load_processor
 
     path = resolve_model_path(path_or_repo, revision)
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, group=group, parallel=parallel, layers_per_rank=layers_per_rank)
     vision = model.config.vision
     processor = load_processor(path, tokens_per_tile=vision.tokens_per_tile if vision else None)
     processor.generation_config = read_generation_config(path)

@@ -20,6 +20,7 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.sharding = None  # sharding.Sharding when the model is split across processes (load(group=...))
         self.language_model = LanguageModel(config.text)
         if config.vision is not None:
             self.vision_model = VisionModel(config.vision)

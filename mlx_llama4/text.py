@@ -32,8 +32,13 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # Set by pipeline.py when layers are split across processes: this process runs (and holds) only the
+        # layers [pipeline.start, pipeline.end), the others are None; ``cache`` holds one entry per layer it runs.
+        self.pipeline = None
 
     def __call__(self, h: mx.array, cache: list[Any]) -> mx.array:
+        if self.pipeline is not None:
+            return self.norm(self.pipeline(self.layers, h, cache))
         for layer, c in zip(self.layers, cache):
             h = layer(h, c)
         return self.norm(h)
@@ -54,7 +59,10 @@ class LanguageModel(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list[Any]:
-        return make_cache(self.config.uses_rope, self.config.attention_chunk_size)
+        uses_rope, pipeline = self.config.uses_rope, self.model.pipeline
+        if pipeline is not None:  # caches for this process's layers only
+            uses_rope = uses_rope[pipeline.start : pipeline.end]
+        return make_cache(uses_rope, self.config.attention_chunk_size)
 
     def __call__(
         self,
@@ -70,7 +78,13 @@ class LanguageModel(nn.Module):
         h = self.model.embed_tokens(inputs) if input_embeddings is None else input_embeddings  # (B, L, D)
         if cache is None:
             cache = self.make_cache()
-        logits = [self.lm_head(self.model(h[:, a:b], cache)) for a, b in self._steps(cache[0].offset, h.shape[1])]
+        outs = []
+        for a, b in self._steps(cache[0].offset, h.shape[1]):
+            if outs and self.model.pipeline is not None:
+                # A receive has no inputs to order it by: finish this step's transfers before the next step's.
+                mx.eval(outs[-1])
+            outs.append(self.model(h[:, a:b], cache))
+        logits = [self.lm_head(out) for out in outs]
         return logits[0] if len(logits) == 1 else mx.concatenate(logits, axis=1)
 
     def _steps(self, offset: int, length: int) -> list[tuple[int, int]]:
