@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .cache import global_kv_bits, quantize_global_layers
 from .images import ImageInput
+from . import long_context
 from .model import Model
 from .prompt_cache import PromptCache, check_cache_model, embeddings_to_feed
 from .prompts import prepare_prompt
@@ -33,12 +34,6 @@ DEFAULT_MAX_TOKENS = 256
 # What MLX's affine ``mx.quantize`` accepts (MLX 0.32; tests/test_generate.py checks these against it).
 KV_BITS = (1, 2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
-# kv_bits="auto" (the default): float KV, except that a context of at least LONG_CONTEXT_TOKENS positions (the
-# prompt and its reply) keeps its global layers' KV in LONG_CONTEXT_KV_BITS bits. The global layers hold all
-# of a long context's KV (the chunked layers one chunk each): Scout's are 48 KiB per token in bfloat16, 1.5 GiB
-# at this threshold; 8 bits halves that with logits within 1% of float KV's (README, "Long context").
-LONG_CONTEXT_TOKENS = 32768
-LONG_CONTEXT_KV_BITS = 8
 
 
 @dataclass
@@ -99,7 +94,7 @@ def kv_group_size_for(model: Model, kv_bits: Optional[int | str], kv_group_size:
     if kv_bits == "auto":
         if not valid and kv_group_size is None:
             return None  # "auto" then keeps the KV float
-        kv_bits = LONG_CONTEXT_KV_BITS
+        kv_bits = long_context.LONG_CONTEXT_KV_BITS
     if kv_bits is None:
         if kv_group_size is not None and not (_is_int(kv_group_size) and kv_group_size in KV_GROUP_SIZES):
             raise ValueError(f"kv_group_size must be one of {list(KV_GROUP_SIZES)} or None, got {kv_group_size!r}")
@@ -201,10 +196,10 @@ def stream_generate(
     Sampling defaults come from the checkpoint's ``generation_config.json`` (temperature 0 = greedy when it
     has none). ``max_tokens=0`` only prefills (e.g. a prompt cache to save). ``kv_bits`` (1-6 or 8) quantizes
     the KV cache of every layer, in groups of ``kv_group_size`` (None: automatic, see ``kv_group_size_for``);
-    ``"auto"`` (the default) keeps it float unless the prompt and reply reach ``LONG_CONTEXT_TOKENS``
-    positions, and then quantizes the global layers' KV to ``LONG_CONTEXT_KV_BITS`` bits (each chunk's
-    ``kv_bits`` says which); None keeps it float. With ``prompt_cache`` only the tokens after the longest
-    reusable prefix are fed, and the cache is left holding the whole conversation so far.
+    ``"auto"`` (the default) keeps it float unless the prompt and reply reach ``LONG_CONTEXT_TOKENS`` positions
+    (``long_context.py``), and then quantizes the global layers' KV to ``LONG_CONTEXT_KV_BITS`` bits (each
+    chunk's ``kv_bits`` says which); None keeps it float. With ``prompt_cache`` only the tokens after the
+    longest reusable prefix are fed, and the cache is left holding the whole conversation so far.
     ``progress(done, total)`` reports prefill progress. The prompt is fed ``prefill_step_size`` tokens at a
     time: by default one attention chunk, which bounds the activations of a long prefill to one chunk's (and
     the global layers attend over key blocks, ``blocked_attention``). The text of the chunks never contains
@@ -236,8 +231,8 @@ def stream_generate(
     context = len(inputs) + max_tokens
     kv_bits, group = settings["kv_bits"], settings["kv_group_size"]
     if kv_bits == "auto":
-        if group and context >= LONG_CONTEXT_TOKENS:
-            quantize_global_layers(cache.layers, LONG_CONTEXT_KV_BITS, group)
+        if group and context >= long_context.LONG_CONTEXT_TOKENS:
+            quantize_global_layers(cache.layers, long_context.LONG_CONTEXT_KV_BITS, group)
         kv_bits = None
     feed = mx.array(inputs.ids[start:])
     embeddings = embeddings_to_feed(model, inputs.ids, start, inputs.image_spans, inputs.first_tiles,

@@ -164,7 +164,7 @@ def embeddings_to_feed(model: Model, ids: np.ndarray, start: int, image_spans: l
 
 _CACHE_CLASSES = {c.__name__: c for c in (GlobalCache, QuantizedGlobalCache, ChunkCache, QuantizedChunkCache)}
 # safetensors dtype names (https://github.com/huggingface/safetensors; see safetensors_reader.py)
-_DTYPE_NAMES = {mx.uint32: "U32", mx.int64: "I64", mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32"}
+_DTYPE_NAMES = {mx.uint32: "U32", mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32", np.dtype(np.int64): "I64"}
 
 
 def save_prompt_cache(file: str | Path, cache: PromptCache) -> None:
@@ -187,7 +187,7 @@ def save_prompt_cache(file: str | Path, cache: PromptCache) -> None:
         raise TypeError(f"cannot save layer caches of type {', '.join(sorted(unknown))}")
     # Every cache class's state is (keys, values, *scalars); keys and values hold exactly the positions kept.
     tensors = tree_flatten([list(c.state[:2]) for c in cache.layers])
-    tensors.append(("prompt_keys", mx.array(cache.keys[: cache.offset])))
+    tensors.append(("prompt_keys", np.ascontiguousarray(cache.keys[: cache.offset], np.int64)))
     meta = {
         "format": PROMPT_CACHE_FORMAT,
         "model": cache.model_id,
@@ -207,7 +207,7 @@ def save_prompt_cache(file: str | Path, cache: PromptCache) -> None:
         raise kind(f"{path}: cannot write the prompt cache ({getattr(e, 'strerror', None) or e})") from None
 
 
-def _write_safetensors(f: BinaryIO, tensors: list[tuple[str, mx.array]], metadata: dict[str, str]) -> None:
+def _write_safetensors(f: BinaryIO, tensors: list[tuple[str, mx.array | np.ndarray]], metadata: dict[str, str]) -> None:
     """The safetensors layout (described in safetensors_reader.py), each tensor written in contiguous pieces of
     its last two axes. A cache's tensors are views of larger buffers; ``mx.save_safetensors`` first copies every
     such view whole (measured: twice the cache's memory at the peak), while a (batch, head) row of one is
@@ -222,10 +222,10 @@ def _write_safetensors(f: BinaryIO, tensors: list[tuple[str, mx.array]], metadat
     raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
     f.write(struct.pack("<Q", len(raw)) + raw)
     for _, a in tensors:
-        rows = a.reshape(-1, *a.shape[-2:]) if a.ndim > 2 else a[None]
-        for i in range(rows.shape[0]):
-            row = rows[i]
-            mx.eval(row)
+        for index in np.ndindex(a.shape[:-2]):  # a view each (a reshape of a view would copy it)
+            row = a[index]
+            if isinstance(row, mx.array):
+                mx.eval(row)
             view = memoryview(row)
             f.write(view if view.c_contiguous else memoryview(mx.contiguous(row)))
 
