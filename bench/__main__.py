@@ -2,7 +2,8 @@
 
     python -m bench                 # everything (8-11 minutes on 2 shared CPU cores)
     python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~4 minutes)
-    python -m bench --only 1,4      # some items only (1-6, listed in bench/README.md)
+    python -m bench --only 1,4      # some items only (1-7, listed in bench/README.md)
+    python -m bench --only 7        # long context, 2K to 64K tokens (not in the default run: hours on 2 cores)
     python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
     python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
 
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report
+from . import long_context, report
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "bench"  # the copy README.md quotes
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and context lengths")
-    ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated item numbers (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6",
+                    help="comma-separated item numbers (default: 1-6; 7, long context, takes hours on 2 cores)")
     ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--out", default=None,
@@ -136,6 +138,9 @@ def main(argv=None) -> int:
             run_worker("convert", name="maverick", quantize=True, dtype=None),
             run_worker("convert", name="maverick", quantize=False, dtype="bfloat16", max_shard_size="200MB"),
         ]
+    if 7 in items:
+        print("7. long context: peak memory and speed, 2K to 64K tokens (one process per point)", flush=True)
+        results["long_context"] = long_context.run(run_worker, args.quick)
     results["runtime_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_end"] = report.loadavg()
     report.write_all(results, out_dir)

@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
+from . import long_context
+
 GOALS = {
     "1-short": (">=", 1.0),
     "1-long": (">=", 1.25),
@@ -185,6 +187,7 @@ def rows(results: dict) -> list[dict]:
             note=f"{c['shards']} shard(s) from a {c['source_bytes'] / 1e6:.0f} MB source; peak above the "
                  f"interpreter's {c['baseline_rss_bytes'] / 1e6:.0f} MB: {c['peak_above_baseline_bytes'] / 1e6:.0f} MB "
                  f"-> {c['ratio_above_baseline']:.2f}")
+    long_context.rows(results, add)
     return out
 
 
@@ -423,7 +426,11 @@ def results_markdown(results: dict, rs: list[dict], plots: list[str]) -> str:
         NOTES,
     ]
     for p in plots:
-        parts += [f"![{p}]({p})", ""]
+        if not p.startswith("long_context"):
+            parts += [f"![{p}]({p})", ""]
+    section = long_context.markdown(results)
+    if section:
+        parts += [section, ""] + [f"![{p}]({p})\n" for p in plots if p.startswith("long_context")]
     return "\n".join(parts)
 
 
@@ -431,7 +438,7 @@ def write_all(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rs = rows(results)
     results["table"] = rs
-    plots = plot(results, out_dir)
+    plots = plot(results, out_dir) + long_context.plot(results, out_dir)
     results["plots"] = plots
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
     md = results_markdown(results, rs, plots)

@@ -11,7 +11,7 @@ import traceback
 
 
 def tasks():
-    from . import checkpoints, convert_bench, text, vision
+    from . import checkpoints, convert_bench, long_context, text, vision
 
     def build(names: list[str]) -> dict:
         return {n: dict(checkpoints.describe(n), path=str(checkpoints.checkpoint(n))) for n in names}
@@ -26,6 +26,8 @@ def tasks():
         "context_speed": text.context_speed,
         "vision_speed": vision.vision_speed,
         "convert": convert_bench.convert_peak,
+        "long_context_point": long_context.context_point,
+        "long_context_decode": long_context.decode_pair,
     }
 
 

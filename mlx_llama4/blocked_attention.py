@@ -70,41 +70,46 @@ def blocked_attention(
     KV, S = kv.shape[1], kv.shape[2]
     R = H // KV
     block = block or key_block(B, H, L)
-    q = (queries * scale).reshape(B, KV, R, L, D)  # query heads grouped by the KV head they read
+    # The R query heads that read one KV head, stacked along the query axis: one plain batched matmul per
+    # block (broadcasting the keys over a head axis instead runs several times slower on MLX's CPU backend).
+    q = (queries * scale).reshape(B, KV, R * L, D)
 
     def matmul(x: mx.array, y: Any, transpose: bool) -> mx.array:
         if bits:
             return mx.quantized_matmul(x, *y, transpose=transpose, group_size=group_size, bits=bits)
         return x @ (y.swapaxes(-1, -2) if transpose else y)
 
-    def keys_of(x: Any, a: int, b: int) -> Any:  # (B, KV, 1, b - a, ...): broadcast over the R query heads
-        if bits:
-            return tuple(mx.expand_dims(t[..., a:b, :], 2) for t in x)
-        return mx.expand_dims(x[..., a:b, :], 2)
+    def rows(x: Any, a: int, b: int) -> Any:  # positions [a, b) of keys or values
+        return tuple(t[..., a:b, :] for t in x) if bits else x[..., a:b, :]
+
+    def masked(s: mx.array, keep: mx.array) -> mx.array:  # keep broadcasts to (B, KV, R, L, block)
+        return mx.where(keep, s.reshape(B, KV, R, L, -1), _MASKED).reshape(s.shape)
 
     if isinstance(mask, mx.array) and mask.ndim == 4:
-        mask = mx.expand_dims(mask, 2)  # (B, 1, 1, L, S) against scores (B, KV, R, L, block)
+        mask = mx.expand_dims(mask, 2)  # (B, 1, 1, L, S): the same for the R heads of a group
     first_query = S - L  # the causal position of query 0
 
     m = l = acc = None
     for a in range(0, S, block):
         b = min(a + block, S)
-        s = _f32(matmul(q, keys_of(keys, a, b), True))  # (B, KV, R, L, b - a)
+        s = _f32(matmul(q, rows(keys, a, b), True))  # (B, KV, R * L, b - a)
         if isinstance(mask, str):
             if b - 1 > first_query:  # some key of this block lies after some query
-                visible = mx.arange(a, b)[None] <= mx.arange(first_query, S)[:, None]  # (L, b - a)
-                s = mx.where(visible, s, _MASKED)
+                s = masked(s, mx.arange(a, b)[None] <= mx.arange(first_query, S)[:, None])  # (L, b - a)
         elif mask is not None:
             part = mask[..., a:b] if mask.shape[-1] > 1 else mask
-            s = mx.where(part, s, _MASKED) if part.dtype == mx.bool_ else s + _f32(part)
-        v = keys_of(values, a, b)
+            if part.dtype == mx.bool_:
+                s = masked(s, part)
+            else:
+                s = (s.reshape(B, KV, R, L, -1) + _f32(part)).reshape(s.shape)
+        v = rows(values, a, b)
         if b - a == S:  # one block: the plain formula
             p = mx.softmax(s, axis=-1, precise=True)
             return matmul(_cast(p, queries.dtype), v, False).reshape(B, H, L, D)
         block_max = s.max(axis=-1, keepdims=True)
         m_new = block_max if m is None else mx.maximum(m, block_max)
         p = mx.exp(s - m_new)
-        pv = _f32(matmul(_cast(p, queries.dtype), v, False))  # (B, KV, R, L, D)
+        pv = _f32(matmul(_cast(p, queries.dtype), v, False))  # (B, KV, R * L, D)
         if m is None:
             l, acc = p.sum(axis=-1, keepdims=True), pv
         else:
@@ -112,7 +117,7 @@ def blocked_attention(
             l = l * correction + p.sum(axis=-1, keepdims=True)
             acc = acc * correction + pv
         m = m_new
-    return _cast(acc / l, queries.dtype).reshape(B, H, L, D)
+    return _cast(acc / l, queries.dtype).reshape(B, H, L, D)  # (B, KV, R * L, D) -> (B, H, L, D)
 
 
 def _cast(x: mx.array, dtype: mx.Dtype) -> mx.array:
