@@ -17,7 +17,7 @@ from mlx_llama4 import (PromptCache, cache_document, document_messages, load, lo
 from mlx_llama4 import long_context
 from mlx_llama4.cache import ChunkCache, GlobalCache, QuantizedGlobalCache, can_trim_cache, global_kv_bits
 from mlx_llama4.cli import main
-from mlx_llama4.long_context import kv_cache_bytes
+from mlx_llama4.long_context import kv_bytes_per_position, kv_cache_bytes, kv_layers
 
 CHUNK = 16
 
@@ -116,7 +116,11 @@ def test_cache_file_round_trips_exactly_without_spare_slots(doc_model, tmp_path,
         assert all(n1 == n2 and x.dtype == y.dtype and mx.array_equal(x, y) for (n1, x), (n2, y) in zip(a, b))
     data = (tmp_path / "c.cache").read_bytes()
     header = 8 + int.from_bytes(data[:8], "little")
-    assert len(data) - header == _held(cache) + 8 * cache.offset  # and the position keys, int64
+    n_global, n_chunked = kv_layers(model.config.text)
+    per_position = kv_bytes_per_position(model.config.text, kv_bits, group_size=32, float_bytes=4)
+    live = cache.offset % CHUNK or CHUNK  # a chunked layer holds its current chunk's positions
+    assert len(data) - header == (n_global * cache.offset + n_chunked * live) * per_position + 8 * cache.offset
+    assert tree_flatten(next(c for c in loaded.layers if isinstance(c, GlobalCache)).keys)[0][1].shape[2] == 305
 
 
 def _big_cache(model, n: int) -> PromptCache:
