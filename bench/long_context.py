@@ -339,3 +339,70 @@ def run(run_worker, quick: bool, contexts: Optional[list[int]] = None, gen: int 
                                    files={k: p["cache_file"] for k, p in saved.items()},
                                    token=saved["ours"]["next_token"], steps=decode_steps)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the published models on paper (README, "Long context")
+# ---------------------------------------------------------------------------------------------------------------
+
+# The published text configs (config.json of meta-llama/Llama-4-Scout-17B-16E-Instruct and
+# Llama-4-Maverick-17B-128E-Instruct): what the formulas read.
+SCOUT = dict(
+    model_type="llama4_text", vocab_size=202048, hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+    num_key_value_heads=8, head_dim=128, intermediate_size=8192, intermediate_size_mlp=16384, num_local_experts=16,
+    num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layers=[], attention_chunk_size=8192,
+    max_position_embeddings=10485760,
+)
+MAVERICK = dict(SCOUT, num_local_experts=128, interleave_moe_layer_step=2, max_position_embeddings=1048576)
+PAPER_CONTEXTS = {"128K": 2**17, "1M": 2**20, "10M": 10 * 2**20}
+ASSUMED_FLOPS = 20e12  # sustained FLOP/s the time column assumes (not measured here)
+
+
+def matmul_params(cfg) -> tuple[float, float]:
+    """(all weights, weights one token multiplies): attention, routed experts (all / top-k), shared expert or
+    dense MLP, router, lm_head; embeddings and norms are not multiplied (and small)."""
+    d = cfg.hidden_size
+    attention = d * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    total = active = d * cfg.vocab_size  # lm_head
+    total += d * cfg.vocab_size  # embeddings: stored, not multiplied
+    for layer in range(cfg.num_hidden_layers):
+        if cfg.is_moe(layer):
+            expert = 3 * d * cfg.intermediate_size
+            router = d * cfg.num_local_experts
+            total += attention + router + expert * (cfg.num_local_experts + 1)
+            active += attention + router + expert * (cfg.num_experts_per_tok + 1)
+        else:
+            mlp = 3 * d * cfg.intermediate_size_mlp
+            total += attention + mlp
+            active += attention + mlp
+    return total, active
+
+
+def paper_table() -> str:
+    """The README's table: KV memory and prefill work of Scout and Maverick at 128K, 1M and 10M tokens."""
+    from mlx_llama4.config import TextConfig
+    from mlx_llama4.long_context import kv_cache_bytes, prefill_flops
+
+    gib = 2**30
+    lines = ["| model | context | KV, bf16 | KV, 8-bit | KV, 4-bit | + 4-bit weights | prefill FLOPs | "
+             f"prefill at {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, spec in (("Scout", SCOUT), ("Maverick", MAVERICK)):
+        cfg = TextConfig.from_dict(spec)
+        total, active = matmul_params(cfg)
+        weights_4bit = total * (4 + 2 * 16 / 64) / 8  # affine 4-bit, group 64, bf16 scale and bias
+        for label, n in PAPER_CONTEXTS.items():
+            if n > cfg.max_position_embeddings:
+                lines.append(f"| {name} | {label} | - | - | - | - | - | beyond its {cfg.max_position_embeddings} "
+                             "positions |")
+                continue
+            kv = {bits: kv_cache_bytes(cfg, n, global_bits=bits) for bits in (None, 8, 4)}
+            flops = prefill_flops(cfg, n, active)
+            hours = flops / ASSUMED_FLOPS / 3600
+            lines.append(f"| {name} | {label} | {kv[None] / gib:.1f} GiB | {kv[8] / gib:.1f} GiB | {kv[4] / gib:.1f} GiB "
+                         f"| {(weights_4bit + kv[4]) / gib:.0f} GiB | {flops:.1e} | "
+                         + (f"{hours:.1f} h |" if hours >= 1 else f"{hours * 60:.0f} min |"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(paper_table())
