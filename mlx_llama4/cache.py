@@ -216,7 +216,7 @@ class GlobalCache(BaseCache):
     def to_quantized(self, group_size: int = 64, bits: int = 8) -> "QuantizedGlobalCache":
         q = QuantizedGlobalCache(group_size=group_size, bits=bits)
         q._reserved = self._reserved
-        if self.keys is not None:
+        if self.offset:
             q.keys, q.values = (q._encode(a) for a in self._live())
             q.offset = self.offset
         return q
