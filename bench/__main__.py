@@ -2,8 +2,8 @@
 
     python -m bench                 # everything (8-11 minutes on 2 shared CPU cores)
     python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~4 minutes)
-    python -m bench --only 1,4      # some items only (1-7, listed in bench/README.md)
-    python -m bench --only 7        # long context, 2K to 64K tokens (not in the default run: hours on 2 cores)
+    python -m bench --only 1,4      # some items only (1-6 and 8, listed in bench/README.md)
+    python -m bench --only 8        # long context, 2K to 64K tokens (not in the default run: hours on 2 cores)
     python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
     python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and context lengths")
     ap.add_argument("--only", default="1,2,3,4,5,6",
-                    help="comma-separated item numbers (default: 1-6; 7, long context, takes hours on 2 cores)")
+                    help="comma-separated item numbers (default: 1-6; 8, long context, takes hours on 2 cores)")
     ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--out", default=None,
@@ -138,8 +138,8 @@ def main(argv=None) -> int:
             run_worker("convert", name="maverick", quantize=True, dtype=None),
             run_worker("convert", name="maverick", quantize=False, dtype="bfloat16", max_shard_size="200MB"),
         ]
-    if 7 in items:
-        print("7. long context: peak memory and speed, 2K to 64K tokens (one process per point)", flush=True)
+    if 8 in items:
+        print("8. long context: peak memory and speed, 2K to 64K tokens (one process per point)", flush=True)
         results["long_context"] = long_context.run(run_worker, args.quick)
     results["runtime_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_end"] = report.loadavg()

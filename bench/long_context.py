@@ -1,4 +1,4 @@
-"""7. Long context: peak memory, prefill and decode speed from 2K to 64K tokens, ours and mlx-lm.
+"""8. Long context: peak memory, prefill and decode speed from 2K to 64K tokens, ours and mlx-lm.
 
 Each (library, context) point runs in its own process (``context_point``): load the scaled Scout-shaped
 checkpoint, prefill a random prompt through mlx-lm's ``generate_step`` (the loop both libraries generate with)
@@ -30,7 +30,7 @@ from . import checkpoints as ck
 from .impls import load_mlx_lm, load_ours, param_bytes
 from .text import _fresh, decode_turns, prompt_ids
 
-GOALS = {"7-memory": ("<=", 1.10), "7-decode": (">=", 1.25)}
+GOALS = {"8-memory": ("<=", 1.10), "8-decode": (">=", 1.25)}
 CONTEXTS = [2048, 4096, 8192, 16384, 32768, 65536]
 QUICK_CONTEXTS = [2048, 4096, 8192]
 MLX_LM_STEP = 2048  # mlx-lm's default prefill_step_size
@@ -181,12 +181,12 @@ def fit(points: list[dict]) -> dict:
 
 
 def rows(results: dict, add) -> None:
-    """Item 7's rows of the results table, through report.rows' ``add``."""
+    """Item 8's rows of the results table, through report.rows' ``add``."""
     lc = results.get("long_context")
     if not lc:
         return
     if "error" in lc:
-        add("7", "long context", "?", "-", "-", None, note=f"error: {lc['error']}")
+        add("8", "long context", "?", "-", "-", None, note=f"error: {lc['error']}")
         return
     pts = with_budget(lc)
     by = {(p["impl"], p["context"]): p for p in pts if not p.get("kv_bits")}
@@ -194,27 +194,27 @@ def rows(results: dict, add) -> None:
         o, t = by.get(("ours", ctx)), by.get(("mlx-lm", ctx))
         if o is None:
             continue
-        add("7", f"peak MB at {ctx} tokens (ratio: ours / budget)", "scout f32", f"{o['peak_bytes'] / 1e6:.1f}",
-            f"{t['peak_bytes'] / 1e6:.1f}" if t else "-", o["ratio"], GOALS["7-memory"],
+        add("8", f"peak MB at {ctx} tokens (ratio: ours / budget)", "scout f32", f"{o['peak_bytes'] / 1e6:.1f}",
+            f"{t['peak_bytes'] / 1e6:.1f}" if t else "-", o["ratio"], GOALS["8-memory"],
             note=f"budget {o['budget_bytes'] / 1e6:.1f} MB = weights {o['weights_bytes'] / 1e6:.1f} + KV "
                  f"{o['kv_bytes'] / 1e6:.1f} + step {o['activations_bytes'] / 1e6:.1f}"
                  + (f"; mlx-lm / budget {t['ratio']:.2f}" if t else ""))
     for ctx in sorted({c for _, c in by}):
         o, t = by.get(("ours", ctx)), by.get(("mlx-lm", ctx))
         if o and t:
-            add("7", f"prefill tok/s at {ctx} tokens (separate processes)", "scout f32", f"{o['prefill_tps']:.1f}",
+            add("8", f"prefill tok/s at {ctx} tokens (separate processes)", "scout f32", f"{o['prefill_tps']:.1f}",
                 f"{t['prefill_tps']:.1f}", o["prefill_tps"] / t["prefill_tps"])
     d = lc.get("decode")
     if d and "error" not in d:
         for label, ratio in d["ratios"].items():
-            add("7", f"decode tok/s at {d['context']} tokens (turns)", f"scout f32 ({label})",
-                f"{d['decode_tps'][label]:.1f}", f"{d['decode_tps']['mlx-lm']:.1f}", ratio, GOALS["7-decode"],
+            add("8", f"decode tok/s at {d['context']} tokens (turns)", f"scout f32 ({label})",
+                f"{d['decode_tps'][label]:.1f}", f"{d['decode_tps']['mlx-lm']:.1f}", ratio, GOALS["8-decode"],
                 note="" if label == "ours" else "the default past 32768 tokens (kv_bits='auto'); mlx-lm float")
     elif d:
-        add("7", "decode at the largest context", "scout f32", "-", "-", None, note=f"error: {d['error']}")
+        add("8", "decode at the largest context", "scout f32", "-", "-", None, note=f"error: {d['error']}")
     for p in pts:
         if p.get("kv_bits"):
-            add("7", f"peak MB at {p['context']} tokens, global KV {p['kv_bits']}-bit", "scout f32",
+            add("8", f"peak MB at {p['context']} tokens, global KV {p['kv_bits']}-bit", "scout f32",
                 f"{p['peak_bytes'] / 1e6:.1f}", "-", None,
                 note=f"KV {p['kv_bytes'] / 1e6:.1f} MB by the formula; prefill {p['prefill_tps']:.1f} tok/s")
 
@@ -224,7 +224,7 @@ def markdown(results: dict) -> str:
     if not lc or "error" in lc:
         return ""
     pts = with_budget(lc)
-    lines = ["## 7. Long context", "",
+    lines = ["## 8. Long context", "",
              "| context | impl | peak MB | weights MB | KV MB (formula) | peak - weights - KV MB | peak / budget | "
              "prefill tok/s | decode tok/s |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in sorted(pts, key=lambda p: (p["context"], p["impl"], p.get("kv_bits") or 0)):
@@ -326,7 +326,7 @@ def plot(results: dict, out_dir: Path) -> list[str]:
 
 def run(run_worker, quick: bool, contexts: Optional[list[int]] = None, gen: int = 8, decode_steps: int = 24,
         kv8_point: bool = True) -> dict:
-    """Item 7 from ``python -m bench``: one worker per (library, context), then the paired decode run."""
+    """Item 8 from ``python -m bench``: one worker per (library, context), then the paired decode run."""
     contexts = contexts or (QUICK_CONTEXTS if quick else CONTEXTS)
     points: list[dict[str, Any]] = []
     saved = {}
