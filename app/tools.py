@@ -123,9 +123,9 @@ def run_tool(name: str, arguments: Any, folder: Path) -> ToolUse:
             raise ToolError(f"there is no tool {name!r}; the tools are {', '.join(TOOLS)}")
         if not isinstance(arguments, dict):
             raise ToolError(f"the arguments must be an object, got {arguments!r}")
-        expected = set(TOOLS[name]["function"]["parameters"]["properties"])
-        if set(args) != expected:
-            raise ToolError(f"{name} takes {', '.join(sorted(expected))}; got {', '.join(sorted(args)) or 'none'}")
+        expected = list(TOOLS[name]["function"]["parameters"]["properties"])
+        if set(args) != set(expected):
+            raise ToolError(f"{name} takes {', '.join(expected)}; got {', '.join(args) or 'nothing'}")
         if name == "draw_shape":
             path = draw_shape(args["shape"], args["colour"], folder)
             return ToolUse(name, args, path.name, image=str(path))
