@@ -107,7 +107,11 @@ def check_fits(prompt_tokens: int, max_tokens: int, cfg: Any, kv_bits: Optional[
                 "Max tokens.")
     need = kv_cache_bytes(cfg, total, kv_bits, kv_bits, kv_group_size or 64, float_bytes)
     if free_memory is not None and need > MEMORY_SHARE * free_memory:
-        return (f"The conversation is about {prompt_tokens:,} tokens; its KV cache would need about "
-                f"{need / 2**30:.1f} GiB, and only {free_memory / 2**30:.1f} GiB of memory is free. Remove a "
-                "document or shorten it (or start the app with --kv-bits 8 or 4).")
+        return (f"The conversation is about {prompt_tokens:,} tokens; its KV cache would need about {_size(need)}, "
+                f"and only {_size(free_memory)} of memory is free. Remove a document or shorten it (or start the "
+                "app with --kv-bits 8 or 4).")
     return None
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
