@@ -1,7 +1,10 @@
 """Per-session chat state, image checks, and a reply streamed from the batching engine.
 
 ``stream_reply`` turns a conversation (``Turn``s from ``history.normalize_history``) into an async stream of
-``ReplyUpdate``s: "Reading the prompt…" until the first token, the growing reply, and finally the statistics.
+``ReplyUpdate``s: "Reading the prompt…" (with the positions read so far) until the first token, the growing
+reply, and finally the statistics. Before anything is submitted, the conversation's files are checked and its
+size is checked against the context and the memory (``documents.check_fits``). With tools offered, a reply
+that calls them runs them (``tools.run_tool``) and the model answers again.
 A reply is one request to the loaded model's engine (``mlx_llama4.engine``), generated in one batch with the
 other sessions' replies; closing the stream (Stop, Clear, a closed tab) cancels the request, and the engine
 frees its row at its next step. The engine's prefix cache, shared by all sessions, lets a follow-up turn

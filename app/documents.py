@@ -95,10 +95,11 @@ def count_tokens(tokenizer: Any, text: str) -> int:
 
 
 def check_fits(prompt_tokens: int, max_tokens: int, cfg: Any, kv_bits: Optional[int], kv_group_size: Optional[int],
-               float_bytes: int, free_memory: Optional[int]) -> Optional[str]:
-    """Why a prompt of about ``prompt_tokens`` with a reply of up to ``max_tokens`` cannot be answered: past the
-    context of the text config ``cfg``, or a KV cache (at ``kv_bits``) larger than ``MEMORY_SHARE`` of
-    ``free_memory`` bytes (None: unknown, not checked). None if it fits."""
+               float_bytes: int, free_memory: int) -> Optional[str]:
+    """Why a prompt of about ``prompt_tokens`` (its text; images add a few hundred each, which the engine's own
+    check counts) with a reply of up to ``max_tokens`` cannot be answered: past the context of the text config
+    ``cfg``, or a KV cache (at ``kv_bits``, else ``float_bytes`` a value) larger than ``MEMORY_SHARE`` of
+    ``free_memory`` bytes. None if it fits."""
     total = prompt_tokens + max_tokens
     context = cfg.max_position_embeddings
     if total > context:
@@ -106,7 +107,7 @@ def check_fits(prompt_tokens: int, max_tokens: int, cfg: Any, kv_bits: Optional[
                 f"more than this model's context of {context:,} tokens. Remove a document, shorten it, or lower "
                 "Max tokens.")
     need = kv_cache_bytes(cfg, total, kv_bits, kv_bits, kv_group_size or 64, float_bytes)
-    if free_memory is not None and need > MEMORY_SHARE * free_memory:
+    if need > MEMORY_SHARE * free_memory:
         return (f"The conversation is about {prompt_tokens:,} tokens; its KV cache would need about {_size(need)}, "
                 f"and only {_size(free_memory)} of memory is free. Remove a document or shorten it (or start the "
                 "app with --kv-bits 8 or 4).")

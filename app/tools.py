@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from mlx_llama4.demo_tools import COLOURS, SHAPES, TOOLS
 
+MAX_LENGTH = 500  # characters of an expression
 MAX_BITS = 14_000  # the largest whole number a step may make (4,200 digits; str() takes 4,300): 9 ** 9 ** 9 never ends
 DRAWING_SIZE = 160  # pixels, square
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -48,11 +49,14 @@ def calculator(expression: str) -> str:
     """The value of an arithmetic ``expression`` ("17 * (3 + 4) ** 2"), as a whole number where it is one."""
     if not isinstance(expression, str):
         raise ToolError(f"expression must be a string, got {expression!r}")
+    if len(expression) > MAX_LENGTH:
+        raise ToolError(f"the expression is longer than {MAX_LENGTH} characters")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        value = _evaluate(ast.parse(expression.strip(), mode="eval").body)
     except SyntaxError:
         raise ToolError(f"{expression!r} is not an arithmetic expression") from None
-    value = _evaluate(tree.body)
+    except RecursionError:  # "- - - ... 1", nested too deep for Python's parser or for _evaluate
+        raise ToolError("the expression is nested too deeply") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ToolError(f"{expression!r} has no finite value")
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)

@@ -114,9 +114,10 @@ def test_documents_are_read_and_what_is_not_one_is_refused(app_model, tmp_path, 
 def test_check_fits_counts_prompt_and_reply_against_context_and_memory(app_model):
     cfg = app_model[0].current.model.config.text
     context = cfg.max_position_embeddings
-    assert check_fits(context - 100, 100, cfg, None, None, 4, None) is None
+    plenty = 2**40
+    assert check_fits(context - 100, 100, cfg, None, None, 4, plenty) is None
     assert f"more than this model's context of {context:,} tokens" in check_fits(context - 99, 100, cfg, None, None,
-                                                                                  4, None)
+                                                                                  4, plenty)
     from mlx_llama4.long_context import kv_cache_bytes
 
     need = kv_cache_bytes(cfg, 1000, float_bytes=4)

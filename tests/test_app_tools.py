@@ -50,6 +50,7 @@ def test_calculator_agrees_with_python(expression):
     ("7 % 2", "only numbers"), ("[1][0]", "only numbers"), ("(1).real", "only numbers"),
     ("1 +", "not an arithmetic expression"), ("1 / 0", "division by zero"), ("9 ** 9 ** 9", "too large"),
     ("(10 ** 4000) * 10 ** 4000", "too large"), ("1e308 * 10", "no finite value"), ("(-8) ** 0.5", "not a real"),
+    ("1+" * 300 + "1", "longer than 500"),
 ])
 def test_calculator_refuses_what_is_not_arithmetic(expression, why):
     result = run_tool("calculator", {"expression": expression}, Path("."))
