@@ -43,7 +43,7 @@ def read_document(path: str) -> str:
     return _read(resolved, stat.st_mtime_ns, stat.st_size)
 
 
-@lru_cache(maxsize=32)  # a document is read again for every later question in its conversation
+@lru_cache(maxsize=8)  # a document is read again for every later question in its conversation
 def _read(path: Path, mtime_ns: int, size: int) -> str:
     if path.suffix.lower() == ".pdf":
         text = _pdf_text(path)
