@@ -228,7 +228,8 @@ class ChatApp:
 
     async def api_chat(self, message: Any, system: str, temperature: float, top_p: float, max_tokens: float,
                        session: ChatSession) -> AsyncIterator[tuple[str, Optional[dict]]]:
-        """``/chat``: one user turn (a string, or text and files: images, documents); the session remembers the conversation.
+        """``/chat``: one user turn (a string, or text and files: images, documents); the session remembers the
+        conversation.
 
         Streams ``(reply so far, None)`` and ends with ``(reply, stats)``; a problem ends it with
         ``("⚠️ message", {"error": message})`` and the turn is not remembered; a reply cut short by a model
