@@ -112,6 +112,20 @@ def memory_bytes() -> int:
     return int(size) if size else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def free_memory() -> int:
+    """Memory a new KV cache may still take: ``memory_bytes()`` less what MLX holds, and on Linux at most what
+    the system has available (other processes use memory too)."""
+    import mlx.core as mx
+
+    free = memory_bytes() - mx.get_active_memory()
+    try:
+        with open("/proc/meminfo") as info:
+            available = next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+        return min(free, available)
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux
+        return free
+
+
 def _bytes_needed(source: Any) -> int:
     """An upper bound on the memory that loading ``source`` takes: its safetensors files, twice over where
     the CPU backend widens 16-bit weights to float32."""

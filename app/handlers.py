@@ -9,6 +9,7 @@ failed, cleared) is followed by ``finish``, which settles what the chat and the 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,15 @@ import gradio as gr
 from .chat import (DEFAULT_MAX_IMAGE_PIXELS, ChatSession, ReplyUpdate, Settings, check_images, format_stats,
                    stream_reply, upload_dirs)
 from .device import ModelHolder
+from .documents import check_document, is_document
 from .history import ends_with_user_turn, is_note, last_user_span, normalize_history
 from .models import discover_models, with_current
+from .tools import ToolUse
 
 log = logging.getLogger("mlx_llama4.app")
 PENDING = "pending"
 # Note titles. Their symbols are in the fonts every system has (DejaVu Sans on Linux), not emoji-only ones.
-NOT_ACCEPTED = "⚠️ Image not accepted"
+NOT_ACCEPTED = "⚠️ File not accepted"
 NOT_SENT = "⚠️ Not sent"
 STOPPED = "■ Stopped"
 STOPPED_EARLY = "■ Stopped before the reply began"
@@ -50,6 +53,14 @@ def note(title: str, text: str = "", status: Optional[str] = None) -> dict:
     if status:
         metadata["status"] = status
     return {"role": "assistant", "content": text, "metadata": metadata}
+
+
+def tool_messages(use: ToolUse) -> list[dict]:
+    """How a tool call shows in the chat: a note with its arguments and result, and the picture it drew."""
+    arguments = ", ".join(f"{k}={json.dumps(v)}" for k, v in use.arguments.items())
+    title = f"🛠️ Used {use.name}" + (" (it failed)" if use.failed else "")
+    shown = [note(title, f"`{use.name}({arguments})`\n\n→ {use.result}", status="done")]
+    return shown + ([{"role": "assistant", "content": {"path": use.image}}] if use.image else [])
 
 
 def _title(message: Any) -> Optional[str]:
@@ -85,7 +96,7 @@ def _draft(messages: list) -> dict:
     """The textbox value that holds a user turn again: its text and its uploaded files."""
     turns = normalize_history(messages)
     return {"text": "\n".join(t.text for t in turns if t.text),
-            "files": [i for t in turns for i in t.images if isinstance(i, str)]}
+            "files": [f for t in turns for f in t.images + t.documents if isinstance(f, str)]}
 
 
 class ChatApp:
@@ -100,14 +111,16 @@ class ChatApp:
 
     def add_message(self, message: Optional[dict], history: Optional[list],
                     session: ChatSession) -> tuple[Any, list]:
-        """Append the user's message (text and images) to the chat, or a note if an image is unusable."""
+        """Append the user's message (text, images, documents) to the chat, or a note if a file is unusable."""
         history = list(history or [])
         message = message or {}
         text = (message.get("text") or "").strip()
         files = list(message.get("files") or [])
         if not text and not files:
             return gr.update(), history
-        problems = check_images(files, upload_dirs(), self.config.max_image_pixels)
+        documents = [f for f in files if is_document(f)]
+        problems = check_images([f for f in files if f not in documents], upload_dirs(), self.config.max_image_pixels)
+        problems += [p for p in (check_document(d, upload_dirs()) for d in documents) if p]
         if problems:
             history.append(note(NOT_ACCEPTED, "\n\n".join(problems) + "\n\nRemove it and send again."))
             return gr.update(), history  # the draft stays in the textbox
@@ -163,13 +176,14 @@ class ChatApp:
         return (_textbox(False, value=draft) if draft else _textbox(False)), history
 
     async def respond(self, history: Optional[list], session: ChatSession, system: str, temperature: float,
-                      top_p: float, max_tokens: float) -> AsyncIterator[list]:
-        """Stream the assistant's reply into the chat; errors become a note in the chat."""
+                      top_p: float, max_tokens: float, tools: Optional[list[str]] = None) -> AsyncIterator[list]:
+        """Stream the assistant's reply into the chat, offering the demo ``tools`` checked in the Tools panel;
+        errors become a note in the chat."""
         history = list(history or [])
         if not ends_with_user_turn(history):
             yield history
             return
-        settings = Settings(system or "", temperature, top_p, int(max_tokens))
+        settings = Settings(system or "", temperature, top_p, int(max_tokens), tuple(tools or ()))
         updates = self._stream(normalize_history(history), settings)
         try:
             async for update in updates:
@@ -191,6 +205,7 @@ class ChatApp:
 
     @staticmethod
     def _render(history: list, update: ReplyUpdate) -> list:
+        history = history + [m for use in update.tools for m in tool_messages(use)]
         if update.error:
             return history + [{"role": "assistant", "content": update.text}, note("⚠️ Error", update.error)]
         if not update.text and update.status:
@@ -213,7 +228,8 @@ class ChatApp:
 
     async def api_chat(self, message: Any, system: str, temperature: float, top_p: float, max_tokens: float,
                        session: ChatSession) -> AsyncIterator[tuple[str, Optional[dict]]]:
-        """``/chat``: one user turn (a string, or text and image files); the session remembers the conversation.
+        """``/chat``: one user turn (a string, or text and files: images, documents); the session remembers the
+        conversation.
 
         Streams ``(reply so far, None)`` and ends with ``(reply, stats)``; a problem ends it with
         ``("⚠️ message", {"error": message})`` and the turn is not remembered; a reply cut short by a model

@@ -6,7 +6,8 @@ looser ``MessageDict`` form (``content`` a string, a ``{"path": ...}`` file dict
 these), ``ChatMessage`` objects, or Hugging Face parts (``{"type": "image", "image": ...}``). All of them
 become ``Turn``s here. Messages with a ``metadata`` title are the app's own notes (stats lines, errors)
 and are never part of the prompt; consecutive messages of one role are one turn (Gradio shows each
-attached file as its own message in some paths).
+attached file as its own message in some paths). A user turn's files are images, or documents by their suffix
+(``documents.is_document``); a document's text joins the turn's text for the model.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from typing import Any, Iterable, Optional
 
 from PIL import Image
 
+from .documents import document_block, is_document
+
 CHAT_ROLES = ("user", "assistant")
 
 
 @dataclass
 class Turn:
-    """One user or assistant turn: its text and, for the user, its images (file paths or PIL images)."""
+    """One user or assistant turn: its text and, for the user, its images (file paths or PIL images) and
+    documents (file paths)."""
 
     role: str
     text: str = ""
     images: list[Any] = field(default_factory=list)
+    documents: list[str] = field(default_factory=list)
 
 
 def _fields(message: Any) -> tuple[Optional[str], Any, Any]:
@@ -111,9 +116,12 @@ def normalize_history(history: Optional[Iterable[Any]]) -> list[Turn]:
         if role not in CHAT_ROLES or is_note(message):
             continue
         texts: list[str] = []
-        images: list[Any] = []
-        _read(content, texts, images)
-        turns.append(Turn(role, "\n".join(t for t in texts if t), images if role == "user" else []))
+        files: list[Any] = []
+        _read(content, texts, files)
+        if role != "user":
+            files = []
+        turns.append(Turn(role, "\n".join(t for t in texts if t), [f for f in files if not is_document(f)],
+                          [str(f) for f in files if is_document(f)]))
     return _merge(turns)
 
 
@@ -123,18 +131,22 @@ def _merge(turns: list[Turn]) -> list[Turn]:
         if merged and merged[-1].role == turn.role:
             merged[-1].text = "\n".join(t for t in (merged[-1].text, turn.text) if t)
             merged[-1].images.extend(turn.images)
+            merged[-1].documents.extend(turn.documents)
         else:
             merged.append(turn)
     return merged
 
 
 def to_model_messages(turns: list[Turn], system: str = "") -> list[dict]:
-    """Hugging Face chat messages for the engine: each user turn's images inline, before its text."""
+    """Hugging Face chat messages for the engine: each user turn's images inline, before its text, and its
+    documents' text ahead of its own (a turn without images is a string: the chat template writes a tool list
+    in front of the first user turn only if it is one). ValueError names a document that cannot be read."""
     messages: list[dict] = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
     for turn in turns:
         if turn.role == "user":
+            text = "\n\n".join([document_block(d) for d in turn.documents] + ([turn.text] if turn.text else []))
             parts = [{"type": "image", "image": image} for image in turn.images]
-            messages.append({"role": "user", "content": parts + [{"type": "text", "text": turn.text}]})
+            messages.append({"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text})
         else:
             messages.append({"role": "assistant", "content": turn.text})
     return messages

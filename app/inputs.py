@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import gradio as gr
 
-from .chat import is_uploaded, upload_dirs
+from .uploads import is_uploaded, upload_dirs
 
 log = logging.getLogger("mlx_llama4.app")
 

@@ -7,6 +7,8 @@ from typing import Optional
 
 import gradio as gr
 
+from mlx_llama4.demo_tools import TOOL_NAMES
+
 from .chat import ChatSession
 from .handlers import ChatApp
 from .inputs import GuardedBlocks
@@ -42,8 +44,8 @@ def build(app: ChatApp) -> gr.Blocks:
             with gr.Column(scale=4):
                 chatbot = gr.Chatbot(
                     label="Llama 4", elem_id="chatbot", height="70vh", buttons=["copy", "copy_all"],
-                    placeholder="Ask anything. Attach, paste or drop images: the model sees every image "
-                                "in the conversation.")
+                    placeholder="Ask anything. Attach, paste or drop images and documents (.txt, .md, .py, "
+                                ".pdf …): the model sees every one in the conversation.")
                 textbox = gr.MultimodalTextbox(
                     elem_id="message", show_label=False, file_count="multiple", sources=["upload"],
                     placeholder="Message (Enter to send, Shift+Enter for a new line)", autofocus=True,
@@ -58,6 +60,11 @@ def build(app: ChatApp) -> gr.Blocks:
                 top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top-p")
                 max_tokens = gr.Slider(1, app.config.max_tokens_limit, value=d.max_tokens, step=1,
                                        label="Max tokens")
+                with gr.Accordion("Tools", open=False):
+                    tools = gr.CheckboxGroup(TOOL_NAMES, value=list(d.tools), label="Tools the model may call",
+                                             elem_id="tools",
+                                             info="Run here, by the app: a calculator, a shape drawer, a random "
+                                                  "number. Each call and its result show in the chat.")
         api_send = gr.Button(visible=False)
         api_reset = gr.Button(visible=False)
         api_reply = gr.Textbox(visible=False)
@@ -65,7 +72,7 @@ def build(app: ChatApp) -> gr.Blocks:
         timer = gr.Timer(FOLLOW_SECONDS)
 
         sampling = [system, temperature, top_p, max_tokens]
-        generate = dict(fn=app.respond, inputs=[chatbot, session] + sampling, outputs=[chatbot],
+        generate = dict(fn=app.respond, inputs=[chatbot, session] + sampling + [tools], outputs=[chatbot],
                         concurrency_limit=None, api_visibility="undocumented", show_progress="full")
         finish = dict(fn=app.finish, inputs=[chatbot, session], outputs=[textbox, chatbot], queue=False,
                       api_visibility="undocumented")

@@ -178,7 +178,7 @@ def test_ui_handlers_send_retry_undo(app_model, tmp_path, monkeypatch):
 
     (tmp_path / "bad.png").write_bytes(b"GIF89a broken")
     box, rejected = app.add_message({"text": "And this?", "files": [str(tmp_path / "bad.png")]}, final, session)
-    assert rejected[-1]["metadata"]["title"] == "⚠️ Image not accepted" and "bad.png" in rejected[-1]["content"]
+    assert rejected[-1]["metadata"]["title"] == "⚠️ File not accepted" and "bad.png" in rejected[-1]["content"]
     assert collect(app.respond(rejected, session, "", 0.0, 1.0, 8)) == [rejected]  # nothing to answer
     assert app.prepare_retry(rejected, session)[1] == rejected  # Retry does not answer the turn before again
     assert app.undo(rejected)[1] == final  # Undo takes back the note only; the draft is still in the textbox

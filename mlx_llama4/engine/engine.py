@@ -226,6 +226,7 @@ class Engine:
             logits = self.model.language_model(ids, cache=seq.caches, input_embeddings=embeddings)
             maybe_quantize_kv_cache(seq.caches, 0, self.kv_group_size, self.kv_bits)
             seq.fed += n
+            seq.handle.progress = (seq.fed, len(seq.prompt))
             if left > 1:
                 mx.eval([c.state for c in seq.caches])
                 mx.clear_cache()
@@ -251,6 +252,7 @@ class Engine:
         start, caches = self._prefix.fetch(prompt.keys, prompt.image_spans) if self._prefix else (0, None)
         seq.caches = caches if caches is not None else self.model.make_cache()
         seq.cached = seq.fed = start
+        seq.handle.progress = (start, len(prompt))
         later = [i for i, (s, _) in enumerate(prompt.image_spans) if s >= start]  # images still to feed
         if later:
             pixels = mx.array(prompt.pixel_values[prompt.first_tiles[later[0]] :])

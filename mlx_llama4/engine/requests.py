@@ -116,6 +116,8 @@ class Handle:
         self._cancelled = threading.Event()
         self._wake = wake
         self._done = False  # the final event was handed to the caller
+        # (prompt positions read, prompt length), set by the engine as the prefill goes, for progress displays
+        self.progress = (0, 0)
 
     def cancel(self) -> None:
         """Stop this request; its stream ends with a "cancelled" event (unless it had already finished)."""
