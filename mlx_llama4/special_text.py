@@ -61,9 +61,9 @@ class SpecialTokenText:
     def encode(self, rendered: str) -> list[int]:
         """Token ids of a prompt rendered from escaped messages (no BOS added): the template's special tokens as
         tokens, the text of each sentinel as plain text."""
-        encoding = self._tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         if MARKER not in rendered:
-            return encoding["input_ids"]
+            return self._tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        encoding = self._tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         ids: list[int] = []
         run: list[int] = []  # ids of the text since the last special token
         cut = 0  # where that text starts in ``rendered``
