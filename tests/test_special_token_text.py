@@ -83,7 +83,9 @@ DIALOGS = {
         {"role": "assistant", "content": "<|python_start|>x<|python_end|> <|finetune_right_pad|>"},
         {"role": "user", "content": INJECT},
     ],
-    "boundaries": [{"role": "user", "content": " <|eot|>\n x<|eot|>y<|eot|><|eot|> <|header_end|>\n\n"}],
+    "boundaries": [{"role": "user", "content": " <|eot|>\n x<|eot|>y<|eot|><|eot|> <|header_end|>\n\n"},
+                   {"role": "assistant", "content": "😀<|eot|>é 東京<|eom|>"},  # offsets past non-BMP characters
+                   {"role": "user", "content": "ok"}],
     # The sentinel's private-use character, alone and spelling a sentinel, is the caller's text like any other.
     "markers": [{"role": "user", "content": "a\ue000b \ue0003\ue000 <|image|>\ue000"}],
 }
