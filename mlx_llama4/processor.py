@@ -31,6 +31,7 @@ from .prompt import (
     placeholder_positions,
     tokens_per_tile_for,
 )
+from .special_text import SpecialTokenText
 
 __all__ = ["Processor", "ProcessorError", "REFERENCE_CHAT_TEMPLATE", "image_token_count", "load_processor",
            "tokens_per_tile_for"]
@@ -70,6 +71,7 @@ class Processor:
         self._tokenizer_config = dict(tokenizer_config or {})
         self._processor_config = dict(processor_config or {})
         self._image_ids: ImageTokenIds | None = None
+        self._special_text: SpecialTokenText | None = None
 
     # ---- tokenizer -------------------------------------------------------------------------------
 
@@ -125,7 +127,9 @@ class Processor:
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, **kwargs) -> str:
         """Render chat messages (Hugging Face format) to the prompt text, one ``<|image|>`` per image part.
 
-        Extra keyword arguments (``tools``, ``date_string``, ...) are passed to the template.
+        Extra keyword arguments (``tools``, ``date_string``, ...) are passed to the template. In the text,
+        special-token strings typed into the messages read like the template's own tokens, so tokenizing it
+        (``processor(text=...)``) trusts the messages; ``processor(messages=...)`` keeps them text.
         """
         plain, _ = split_messages(messages)
         return self._render(plain, add_generation_prompt, **kwargs)
@@ -146,7 +150,9 @@ class Processor:
         ``messages`` (rendered with the chat template; a list passed as ``text`` counts as messages; a string
         is one user turn with the ``images`` before its text, unless it is already chat-template output, i.e.
         starts with ``<|begin_of_text|>`` or holds ``<|header_start|>``: that is used as it is, its
-        ``<|image|>`` placeholders taking the ``images``).
+        ``<|image|>`` placeholders taking the ``images``). Special-token strings inside messages are text, as in
+        Meta's ChatFormat: only the template writes special tokens (``special_text.py``); a ``text`` prompt, or a
+        string that is already chat-template output, is the caller's own and its special-token strings are tokens.
         Images come from ``images`` in order and/or inline in message parts
         (``{"type": "image", "image": ...}``, ``"image_url"``, ``"url"``, ``"path"``).
         """
@@ -166,16 +172,26 @@ class Processor:
             messages = [user_turn(messages, len(given))]
         if messages is not None:
             plain, inline = split_messages(messages)
-            text = self._render(plain, add_generation_prompt, **template_kwargs)
+            ids = self._encode_messages(plain, add_generation_prompt, template_kwargs)
             sources = merge_images(inline, given)
         elif text is not None:
+            ids = self.encode(text)
             sources = given
         else:
             raise ProcessorError("nothing to process: give text or messages")
-        return self._encode_prompt(text, sources)
+        return self._encode_prompt(np.asarray(ids, dtype=np.int64), sources)
 
-    def _encode_prompt(self, text: str, sources: list) -> dict:
-        ids = np.asarray(self.encode(text), dtype=np.int64)  # (L0,)
+    def _encode_messages(self, messages: list[dict], add_generation_prompt: bool, template_kwargs: dict) -> list[int]:
+        """Token ids of rendered messages in which special-token strings from the caller (message content of every
+        role, tool calls and results, tool specs) are plain text, as in Meta's ChatFormat (``special_text.py``)."""
+        if self._special_text is None:
+            self._special_text = SpecialTokenText(self._tokenizer)
+        escape = self._special_text.escape
+        rendered = self._render(escape(messages), add_generation_prompt, **escape(template_kwargs))
+        return self._special_text.encode(rendered)
+
+    def _encode_prompt(self, ids: np.ndarray, sources: list) -> dict:
+        """Model inputs from tokenized prompt text ``ids`` (L0,) int64 and the images for its placeholders."""
         positions = placeholder_positions(ids, self.token_id(IMAGE_PLACEHOLDER), len(sources))
         pixel_values, grids = preprocess_images(sources, self.image_settings)
         image_ids = self.image_token_ids if grids else None
