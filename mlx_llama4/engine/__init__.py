@@ -11,6 +11,7 @@
 """
 
 from .engine import Engine
+from .follower import follow
 from .requests import EngineFull, Event, Handle, SamplingParams
 
-__all__ = ["Engine", "EngineFull", "Event", "Handle", "SamplingParams"]
+__all__ = ["Engine", "EngineFull", "Event", "Handle", "SamplingParams", "follow"]
