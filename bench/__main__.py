@@ -2,7 +2,8 @@
 
     python -m bench                 # everything (20-25 minutes on 2 shared CPU cores)
     python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~10 minutes)
-    python -m bench --only 1,4      # some items only (1-8, listed in bench/README.md)
+    python -m bench --only 1,4      # some items only (1-9, listed in bench/README.md)
+    python -m bench --only 9        # long context, 2K to 64K tokens (not in the default run: hours on 2 cores)
     python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
                                     # (with --only: replaces those items there, keeps the others)
     python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report, serving, sharding
+from . import long_context, report, serving, sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "bench"  # the copy README.md quotes
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and context lengths")
-    ap.add_argument("--only", default=ALL_ITEMS, help="comma-separated item numbers (default: all)")
+    ap.add_argument("--only", default=ALL_ITEMS,
+                    help="comma-separated item numbers (default: 1-8; 9, long context, takes hours on 2 cores)")
     ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--out", default=None,
@@ -155,6 +157,9 @@ def main(argv=None) -> int:
         print("8. 1, 2 and 4 processes (mlx.launch --backend ring on this machine): memory, bytes per token, "
               "decode step split", flush=True)
         results["sharding"] = sharding.run(steps=steps // 2)
+    if 9 in items:
+        print("9. long context: peak memory and speed, 2K to 64K tokens (one process per point)", flush=True)
+        results["long_context"] = long_context.run(run_worker, args.quick)
     results["runtime_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_end"] = report.loadavg()
     if args.update_docs and items != {int(x) for x in ALL_ITEMS.split(",")} and (DOCS / "results.json").exists():

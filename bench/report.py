@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any, Optional
 
-from . import serving_report
+from . import long_context, serving_report
 
 GOALS = {
     "1-short": (">=", 1.0),
@@ -207,6 +207,7 @@ def rows(results: dict) -> list[dict]:
             _f(1e3 * s["step_s"]), _f(1e3 * s["one_step_s"]), s["step_s"] / s["one_step_s"],
             note=f"communication {1e3 * s['comm_s']:.2f} ms (the step's all_sums replayed alone), compute "
                  f"{1e3 * s['compute_s']:.2f} ms; {n} processes on {results['machine']['cpu_count']} cores")
+    long_context.rows(results, add)
     return out
 
 
@@ -451,9 +452,12 @@ def results_markdown(results: dict, rs: list[dict], plots: list[str]) -> str:
         NOTES,
     ]
     for p in plots:
-        if p != "serving.png":
+        if p != "serving.png" and not p.startswith("long_context"):
             parts += [f"![{p}]({p})", ""]
     parts.append(serving_report.section_markdown(results, plots))
+    section = long_context.markdown(results)
+    if section:
+        parts += [section, ""] + [f"![{p}]({p})\n" for p in plots if p.startswith("long_context")]
     return "\n".join(parts)
 
 
@@ -461,7 +465,7 @@ def write_all(results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rs = rows(results)
     results["table"] = rs
-    plots = plot(results, out_dir)
+    plots = plot(results, out_dir) + long_context.plot(results, out_dir)
     results["plots"] = plots
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
     md = results_markdown(results, rs, plots)

@@ -11,7 +11,7 @@ import traceback
 
 
 def tasks():
-    from . import checkpoints, convert_bench, serving_load, text, vision
+    from . import checkpoints, convert_bench, long_context, serving_load, text, vision
 
     def build(names: list[str]) -> dict:
         return {n: dict(checkpoints.describe(n), path=str(checkpoints.checkpoint(n))) for n in names}
@@ -27,6 +27,8 @@ def tasks():
         "vision_speed": vision.vision_speed,
         "convert": convert_bench.convert_peak,
         "serving": serving_load.serving_load,
+        "long_context_point": long_context.context_point,
+        "long_context_decode": long_context.decode_pair,
     }
 
 

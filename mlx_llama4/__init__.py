@@ -17,6 +17,8 @@ _EXPORTS = {
     "ConfigError": "config",
     "ModelConfig": "config",
     "load_config": "config",
+    "cache_document": "document_cache",
+    "document_messages": "document_cache",
     "GenerationChunk": "generation",
     "PromptCache": "prompt_cache",
     "generate": "generation",

@@ -7,6 +7,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .blocked_attention import global_attention
 from .config import TextConfig
 from .mlx_lm_cache import scaled_dot_product_attention
 from .rope import TextRoPE
@@ -39,6 +40,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         if self.uses_rope:
             self.rope = TextRoPE(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # A chunked layer attends to at most one chunk of keys; a global layer's keys grow with the context.
+        self.attend = scaled_dot_product_attention if self.uses_rope and cfg.attention_chunk_size else global_attention
 
     def _temperature(self, offset: int | mx.array, length: int) -> mx.array:
         """``1 + attn_scale * ln(floor((p + 1) / floor_scale) + 1)`` for absolute positions p; shape (L, 1),
@@ -68,6 +71,6 @@ class Attention(nn.Module):
             # Steps never cross a chunk boundary, so a causal mask (aligned to the last key) is all a layer needs.
             mask = "causal" if L > 1 else None
         k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)  # float or quantized KV
+        out = self.attend(q, k, v, cache=cache, scale=self.scale, mask=mask)  # float or quantized KV
         out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)

@@ -21,7 +21,9 @@ import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .cache import global_kv_bits, quantize_global_layers
 from .images import ImageInput
+from . import long_context
 from .model import Model
 from .prompt_cache import PromptCache, check_cache_model, embeddings_to_feed
 from .prompts import prepare_prompt
@@ -48,6 +50,7 @@ class GenerationChunk:
     generation_tps: float
     time_to_first_token: float  # seconds
     peak_memory: float  # GB
+    kv_bits: Optional[int] = None  # bits of the global layers' KV cache; None: float
 
 
 def _is_int(x: Any) -> bool:
@@ -80,20 +83,26 @@ def check_sampling(*, max_tokens: Any = 0, temperature: Any = 0.0, top_p: Any = 
             raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def kv_group_size_for(model: Model, kv_bits: Optional[int], kv_group_size: Optional[int]) -> Optional[int]:
-    """The group size to quantize the KV cache with (None when ``kv_bits`` is None).
+def kv_group_size_for(model: Model, kv_bits: Optional[int | str], kv_group_size: Optional[int]) -> Optional[int]:
+    """The group size to quantize the KV cache with (None when ``kv_bits`` is None, or ``"auto"`` on a model
+    whose KV cannot be quantized).
 
     Keys and values are quantized along the head size, so the group size must divide it. Automatic (None):
     64, mlx-lm's default, when it divides the head size, else 32 (e.g. the demo model's head size 32).
     """
     head = model.config.text.head_dim
     valid = [g for g in KV_GROUP_SIZES if head % g == 0]
+    if kv_bits == "auto":
+        if not valid and kv_group_size is None:
+            return None  # "auto" then keeps the KV float
+        kv_bits = long_context.LONG_CONTEXT_KV_BITS
     if kv_bits is None:
         if kv_group_size is not None and not (_is_int(kv_group_size) and kv_group_size in KV_GROUP_SIZES):
             raise ValueError(f"kv_group_size must be one of {list(KV_GROUP_SIZES)} or None, got {kv_group_size!r}")
         return None
     if not (_is_int(kv_bits) and kv_bits in KV_BITS):
-        raise ValueError(f"kv_bits must be one of {list(KV_BITS)} (MLX's quantization bits) or None, got {kv_bits!r}")
+        raise ValueError(f"kv_bits must be one of {list(KV_BITS)} (MLX's quantization bits), 'auto' or None, "
+                         f"got {kv_bits!r}")
     if not valid:
         raise ValueError(f"this model's head size {head} is not a multiple of any quantization group size "
                          f"{list(KV_GROUP_SIZES)}, so its KV cache cannot be quantized")
@@ -108,7 +117,7 @@ def kv_group_size_for(model: Model, kv_bits: Optional[int], kv_group_size: Optio
 def resolve_sampling(model: Model, processor: Any, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                      temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
                      min_p: float = 0.0, repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
-                     kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None,
+                     kv_bits: Optional[int | str] = "auto", kv_group_size: Optional[int] = None,
                      prefill_step_size: Optional[int] = None) -> dict:
     """The settings a generation runs with (``stream_generate``'s keywords): the checkpoint's defaults
     (``processor.generation_config``) for temperature, top-p and top-k not given, every value checked (a
@@ -171,7 +180,7 @@ def stream_generate(
     min_p: float = 0.0,
     repetition_penalty: Optional[float] = None,
     seed: Optional[int] = None,
-    kv_bits: Optional[int] = None,
+    kv_bits: Optional[int | str] = "auto",
     kv_group_size: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: Optional[int] = None,
@@ -186,12 +195,16 @@ def stream_generate(
     the calls in the reply.
 
     Sampling defaults come from the checkpoint's ``generation_config.json`` (temperature 0 = greedy when it
-    has none). ``max_tokens=0`` only prefills (e.g. a prompt cache to save). ``kv_bits`` quantizes the KV cache
-    of every layer, in groups of ``kv_group_size`` (None: automatic, see ``kv_group_size_for``). With
-    ``prompt_cache`` only the tokens after the longest reusable prefix are fed, and the cache is left holding
-    the whole conversation so far. ``progress(done, total)`` reports prefill progress. The prompt is fed
-    ``prefill_step_size`` tokens at a time: by default one attention chunk, which bounds the activations of
-    a long prefill to one chunk's. The text of the chunks never contains special tokens.
+    has none). ``max_tokens=0`` only prefills (e.g. a prompt cache to save). ``kv_bits`` (1-6 or 8) quantizes
+    the KV cache of every layer, in groups of ``kv_group_size`` (None: automatic, see ``kv_group_size_for``);
+    ``"auto"`` (the default) keeps it float unless the prompt and reply reach ``LONG_CONTEXT_TOKENS`` positions
+    (``long_context.py``), and then quantizes the global layers' KV to ``LONG_CONTEXT_KV_BITS`` bits (each
+    chunk's ``kv_bits`` says which); None keeps it float. With ``prompt_cache`` only the tokens after the
+    longest reusable prefix are fed, and the cache is left holding the whole conversation so far.
+    ``progress(done, total)`` reports prefill progress. The prompt is fed ``prefill_step_size`` tokens at a
+    time: by default one attention chunk, which bounds the activations of a long prefill to one chunk's (and
+    the global layers attend over key blocks, ``blocked_attention``). The text of the chunks never contains
+    special tokens.
 
     ``response_format`` (OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
     {"schema": ...}}``, or a bare JSON schema) keeps the reply on that schema while sampling
@@ -216,6 +229,12 @@ def stream_generate(
 
     cache = prompt_cache or PromptCache(model)
     start = cache.reuse(inputs.keys, inputs.image_spans)
+    context = len(inputs) + max_tokens
+    kv_bits, group = settings["kv_bits"], settings["kv_group_size"]
+    if kv_bits == "auto":
+        if group and context >= long_context.LONG_CONTEXT_TOKENS:
+            quantize_global_layers(cache.layers, long_context.LONG_CONTEXT_KV_BITS, group)
+        kv_bits = None
     feed = mx.array(inputs.ids[start:])
     embeddings = embeddings_to_feed(model, inputs.ids, start, inputs.image_spans, inputs.first_tiles,
                                     inputs.pixel_values)
@@ -224,21 +243,32 @@ def stream_generate(
                            top_k=settings["top_k"])
     if model.sharding is not None:  # split across processes: all feed process 0's token
         sampler = rank0_sampler(sampler, model.sharding.group)
+
+    def reserve_and_report(done: int, total: int) -> None:
+        # The global layers are sized once for the whole context; with kv_bits, generate_step quantizes the
+        # caches after the first piece, so they are sized then (sizing the float ones would allocate float).
+        if done or kv_bits is None:
+            cache.reserve(context)
+        if progress is not None:
+            progress(done, total)
+
     steps = generate_step(
         feed, model.language_model, max_tokens=max_tokens, sampler=sampler,
         logits_processors=processors,
         prompt_cache=cache.layers,
         prefill_step_size=settings["prefill_step_size"] or model.config.text.attention_chunk_size or 2048,
-        kv_bits=settings["kv_bits"], kv_group_size=settings["kv_group_size"], quantized_kv_start=0,
-        prompt_progress_callback=progress, input_embeddings=embeddings,
+        kv_bits=kv_bits, kv_group_size=group, quantized_kv_start=0,
+        prompt_progress_callback=reserve_and_report, input_embeddings=embeddings,
     )
     generated: list[int] = []
     ttft = prompt_tps = 0.0
+    global_bits = None
     try:
         for n, (token, _) in enumerate(steps):
             if n == 0:
                 ttft = time.perf_counter() - tic
                 prompt_tps = len(feed) / ttft
+                global_bits = global_kv_bits(cache.layers)
                 tic = time.perf_counter()
             generated.append(token)
             finish = "stop" if token in stops else ("length" if n + 1 == max_tokens else None)
@@ -247,7 +277,7 @@ def stream_generate(
                 text=piece, token=token, finish_reason=finish, prompt_tokens=len(feed),
                 prompt_tps=prompt_tps, generation_tokens=n + 1,
                 generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
-                time_to_first_token=ttft, peak_memory=mx.get_peak_memory() / 1e9,
+                time_to_first_token=ttft, peak_memory=mx.get_peak_memory() / 1e9, kv_bits=global_bits,
             )
             if finish:
                 return

@@ -13,8 +13,10 @@ code, which reads them through a protocol mlx-lm does not document. We rely on t
 3. ``generate_step(..., kv_bits, kv_group_size, quantized_kv_start)`` calls ``maybe_quantize_kv_cache``, which
    replaces each cache that has ``to_quantized`` and ``offset >= quantized_kv_start`` by
    ``cache.to_quantized(group_size=..., bits=...)``, in the list it was given.
-4. ``KVCache`` / ``QuantizedKVCache``: the global layers' caches; ``state`` is ``(keys, values, *scalars)``
-   (quantized: triples), ``offset`` the positions held; ``trim(n)`` drops the last ``n``.
+4. ``KVCache`` / ``QuantizedKVCache``: the one-row caches the engine's batch cache gives back
+   (``BatchKV.extract``; the global layers' own are ``cache.GlobalCache``); ``state`` is
+   ``(keys, values, *scalars)`` (quantized: triples), ``offset`` the positions held; ``trim(n)`` drops the
+   last ``n``.
 5. ``can_trim_prompt_cache`` asks ``is_trimmable()`` with no argument (ours answer for every trim then).
 """
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlx_llama4 import PromptCache, generate, load, load_model, load_prompt_cache, save_prompt_cache, stream_generate
-from mlx_llama4 import generation
+from mlx_llama4 import generation, prompt_cache
 from real_vocab import build_checkpoint, random_image
 
 END_IDS = [200001, 200007, 200008]  # <|end_of_text|>, <|eom|>, <|eot|>
@@ -375,12 +375,15 @@ def test_prompt_cache_file_errors(tiny, tmp_path, monkeypatch):
         with pytest.raises(PermissionError, match="locked/x: cannot write the prompt cache"):
             save_prompt_cache(locked / "x", cache)
 
-    def disk_full(*a, **kw):
-        raise RuntimeError("[save_safetensors] write failed")
+    def disk_full(f, *a, **kw):
+        import errno
+
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(mx, "save_safetensors", disk_full)
-        with pytest.raises(OSError, match=r"full.cache: cannot write the prompt cache \(.*write failed\)"):
+        m.setattr(prompt_cache, "_write_safetensors", disk_full)
+        with pytest.raises(OSError, match=r"full.cache: cannot write the prompt cache \(No space left on device\)"):
             save_prompt_cache(tmp_path / "full.cache", cache)
     assert not list(tmp_path.glob("*full.cache*"))  # no partial file left behind
 
@@ -454,15 +457,14 @@ def test_kv_quantization_against_float_kv_and_transformers(wide):
     8-bit error bound (measured: all 40 equal)."""
     import torch
 
-    from mlx_llama4.cache import QuantizedChunkCache
-    from mlx_lm.models.cache import QuantizedKVCache
+    from mlx_llama4.cache import QuantizedChunkCache, QuantizedGlobalCache
 
     hf, model, processor = wide
     prompt = "Count with me: one two three four five six seven eight nine ten eleven twelve."
     ids = np.asarray(processor(messages=prompt)["input_ids"])
     cache = PromptCache(model)
     quant = _tokens(model, processor, prompt, max_tokens=40, temperature=0.0, kv_bits=8, prompt_cache=cache)
-    assert {type(c) for c in cache.layers} == {QuantizedChunkCache, QuantizedKVCache}
+    assert {type(c) for c in cache.layers} == {QuantizedChunkCache, QuantizedGlobalCache}
     assert {(c.bits, c.group_size) for c in cache.layers} == {(8, 64)}
     reference = _hf_greedy(hf, {"input_ids": ids, "pixel_values": None}, 40)
     assert len(reference) == 40
