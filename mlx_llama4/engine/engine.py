@@ -74,6 +74,9 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         kv_group_size = kv_group_size_for(model, kv_bits, kv_group_size)  # ValueError names a bad one
+        if model.sharding is not None and model.sharding.mode != "tensor":
+            raise ValueError(f"the engine runs on a model split by tensor parallelism, not {model.sharding.mode} "
+                             "parallelism (which generate and chat support)")
         self.model = model
         self.processor = processor
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step

@@ -1,11 +1,13 @@
 """The engine on every process but 0 of a split model: it carries out process 0's plans (plans.py) on this
 process's share of the model and KV, so that every process runs the same batched forward passes in step.
 
-    model = load_model(path, group=group)           # every process, as for generate()
+    model, processor = load(path, group=group)     # every process, as for generate()
     if group.rank() == 0:
         engine = Engine(model, processor)           # takes requests; its plans reach the others
     else:
         follow(model)                               # until process 0's engine closes
+
+Front doors (``serve``, ``app``) call ``follow_if_launched`` first: on processes 1, 2, ... it does the above.
 
 A follower makes no decision of its own: which prompt to prefill and how far, which token each row feeds, what
 the prefix cache keeps and drops, which rows leave, all come from process 0.
@@ -13,6 +15,7 @@ the prefix cache keeps and drops, which rows leave, all come from process 0.
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any, Optional
 
@@ -114,3 +117,23 @@ def follow(model: Model) -> None:
     finally:
         mirror = None
         mx.clear_cache()
+
+
+def follow_if_launched(model: str, revision: Optional[str] = None) -> bool:
+    """Under ``mlx.launch`` on process 1, 2, ...: load this process's share of ``model`` (a folder, a Hub repo id
+    or "demo"), follow process 0's engine until it closes, and return True. Alone or on process 0, return False
+    at once: the caller serves.
+
+    Ctrl-C reaches every process of a launch on one terminal: a follower ignores it and stops when process 0's
+    engine, which closes on it, says so. If process 0 dies instead, ``mlx.launch`` ends the others.
+    """
+    from ..loading import load
+    from ..sharding import process_group
+
+    group = process_group()
+    if group is None or group.rank() == 0:
+        return False
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loaded, _ = load(model, revision=revision, group=group)
+    follow(loaded)
+    return True

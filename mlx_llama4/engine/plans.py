@@ -76,6 +76,8 @@ def exchange(group: mx.distributed.Group, message: Optional[bytes] = None) -> by
         head[: min(len(message), HEAD)] = np.frombuffer(message[:HEAD], np.uint8)
     head = _summed(head, group)
     size = 8 + struct.unpack_from("<Q", head.tobytes())[0]
+    if size == 8:  # no message is empty: process 0 has gone (the ring backend then gives zeros)
+        raise ConnectionError("process 0 has stopped without closing its engine")
     if size <= HEAD:
         return head[8:size].tobytes()
     rest = np.zeros(size - HEAD, np.uint8)
