@@ -5,6 +5,8 @@ one with an image, while another stream is cancelled; a follow-up turn that reus
 and with 8-bit KV. Only process 0 prints, and Ctrl-C (SIGINT to every process, as a terminal sends it) stops both
 cleanly: process 0 closes its engine, which tells process 1 to stop.
 
+``mlx-llama4 app`` likewise: two sessions against ``stream_generate`` in one process.
+
 Each configuration is one launch (seconds of start-up per process on a loaded 2-core machine).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from server_helpers import ServerThread, openai_client, picture, question, wait_until
+from server_helpers import DEMO, ServerThread, openai_client, picture, question, wait_until
 from test_sharding_launch import MLX_LAUNCH, free_ports
 
 TIMEOUT = 600  # seconds for a launch to start serving, or to stop
@@ -91,25 +94,26 @@ def one_process() -> dict:
 
 
 class Launch:
-    """``mlx-llama4 serve`` on ``n`` processes under ``mlx.launch``, in a process group of its own."""
+    """``mlx-llama4 ARGS`` on ``n`` processes under ``mlx.launch``, in a process group of its own, once it prints
+    its address (``address``: a pattern capturing it)."""
 
-    def __init__(self, n: int, flags: list[str]):
-        self.out, self.err = tempfile.TemporaryFile(), tempfile.NamedTemporaryFile()
-        command = [sys.executable, "-m", "mlx_llama4", "serve", "--port", "0", *flags]
+    def __init__(self, n: int, args: list[str], address: str):
+        self.err = tempfile.NamedTemporaryFile()
         self.proc = subprocess.Popen(
             [str(MLX_LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_ports(n)), "--",
-             *command], stdin=subprocess.PIPE, stdout=self.out, stderr=self.err, start_new_session=True,
+             sys.executable, "-m", "mlx_llama4", *args],
+            stdin=subprocess.PIPE, stdout=self.err, stderr=self.err, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})  # standard input open: see test_sharding_launch.launch
         self.url = None
-        wait_until(self._serving, timeout=TIMEOUT, what="the launch to serve")
+        wait_until(lambda: self._serving(address), timeout=TIMEOUT, what="the launch to serve")
 
-    def _serving(self) -> bool:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", self.stderr())
-        assert found or self.proc.poll() is None, "the launch ended: " + self.stderr()[-3000:]
+    def _serving(self, address: str) -> bool:
+        found = re.search(address, self.output())
+        assert found or self.proc.poll() is None, "the launch ended: " + self.output()[-3000:]
         self.url = found and found.group(1)
         return bool(found)
 
-    def stderr(self) -> str:
+    def output(self) -> str:
         return Path(self.err.name).read_text(errors="replace")
 
     def interrupt(self) -> int:
@@ -127,10 +131,20 @@ class Launch:
         self.proc.stdin.close()
 
 
+def assert_stopped_cleanly(output: str, rank0_code: int) -> None:
+    """mlx.launch names each process that failed or that it killed: process 0 stopped on Ctrl-C (with
+    ``rank0_code``), process 1 at its word. The launcher's own Ctrl-C traceback aside, no process failed."""
+    assert ((f"rank 0 exited with code {rank0_code}" in output) == bool(rank0_code) and "rank 1" not in output
+            ), output[-3000:]
+    ours = [line for line in output.splitlines() if line.strip().startswith('File "')
+            and "mlx/_distributed_utils/" not in line and "bin/mlx.launch" not in line]
+    assert not ours, output[-3000:]
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def launched(request):
     """(configuration, session's results, the launch's stderr after Ctrl-C) for ``serve`` on 2 processes."""
-    launch = Launch(2, CONFIGS[request.param])
+    launch = Launch(2, ["serve", "--port", "0", *CONFIGS[request.param]], r"on (http://127\.0\.0\.1:\d+)/v1")
     try:
         results = session(launch.url)
         time.sleep(0.5)  # idle beats between the processes
@@ -139,7 +153,7 @@ def launched(request):
         launch.close()
         raise
     launch.interrupt()
-    return request.param, results, launch.stderr()
+    return request.param, results, launch.output()
 
 
 def test_replies_equal_the_one_process_server(launched, one_process):
@@ -150,11 +164,42 @@ def test_replies_equal_the_one_process_server(launched, one_process):
 
 
 def test_only_process_0_prints_and_ctrl_c_stops_both(launched):
-    _, _, stderr = launched
-    assert stderr.count("Loading ") == 1 and stderr.count("Serving demo on") == 1, stderr[-3000:]
-    # mlx.launch names each process that failed or that it killed: process 0 stopped on Ctrl-C, process 1 at its
-    # word. The launcher's own Ctrl-C traceback aside, no process failed.
-    assert "rank 0 exited with code 130" in stderr and "rank 1" not in stderr, stderr[-3000:]
-    ours = [line for line in stderr.splitlines() if line.strip().startswith('File "')
-            and "mlx/_distributed_utils/" not in line and "bin/mlx.launch" not in line]
-    assert not ours, stderr[-3000:]
+    _, _, output = launched
+    assert output.count("Loading ") == 1 and output.count("Serving demo on") == 1, output[-3000:]
+    assert_stopped_cleanly(output, 130)
+
+
+def test_app_under_mlx_launch(tmp_path):
+    """``mlx-llama4 app`` on 2 processes: two sessions at once (one with a picture) get the one-process greedy
+    replies; the model picker cannot switch away from the launch's model; Ctrl-C stops both processes."""
+    from gradio_client import Client, handle_file
+
+    from mlx_llama4 import load, stream_generate
+
+    image = tmp_path / "shape.png"
+    picture(3, count=1).save(image)
+    other = tmp_path / "models" / "other-model"  # what the picker lists: a copy of the demo model
+    shutil.copytree(DEMO, other, ignore=shutil.ignore_patterns("hf"))
+    turns = [("Who are you?", []), ("What shape is this?", [image])]
+    launch = Launch(2, ["app", "--port", str(free_ports(1)), "--no-hf-cache", "--models-dir", str(other.parent)],
+                    r"Running on (http://127\.0\.0\.1:\d+)")
+    try:
+        jobs = [Client(launch.url, verbose=False).submit(
+            message={"text": text, "files": [handle_file(str(f)) for f in files]}, system="", temperature=0.0,
+            top_p=1.0, max_tokens=MAX_TOKENS, api_name="/chat") for text, files in turns]
+        replies = [job.result(timeout=TIMEOUT)[0] for job in jobs]
+        Client(launch.url, verbose=False).predict(str(other), api_name="/load_model")
+    except BaseException:
+        launch.close()
+        raise
+    launch.interrupt()
+    model, processor = load("demo")
+    for (text, files), reply in zip(turns, replies):
+        content = [{"type": "image", "image": str(f)} for f in files] + [{"type": "text", "text": text}]
+        chunks = stream_generate(model, processor, [{"role": "user", "content": content}], max_tokens=MAX_TOKENS,
+                                 temperature=0.0, top_p=1.0)
+        assert reply == "".join(c.text for c in chunks), text
+    output = launch.output()
+    assert "it serves only that model" in output, output[-3000:]  # the switch was refused, in the log
+    assert output.count("Running on") == 1, output[-3000:]
+    assert_stopped_cleanly(output, 0)
