@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from server_helpers import DEMO, ServerThread, openai_client, picture, question, wait_until
-from test_sharding_launch import MLX_LAUNCH, free_ports
+from test_sharding_launch import MLX_LAUNCH, free_ports, launch
 
 TIMEOUT = 600  # seconds for a launch to start serving, or to stop
 MAX_TOKENS = 24
@@ -203,3 +203,26 @@ def test_app_under_mlx_launch(tmp_path):
     assert "it serves only that model" in output, output[-3000:]  # the switch was refused, in the log
     assert output.count("Running on") == 1, output[-3000:]
     assert_stopped_cleanly(output, 0)
+
+
+def test_failing_samples_keep_the_processes_in_step(tmp_path):
+    """The engine itself on 2 processes (``sharding_engine_worker.py``): requests whose logits processor fails,
+    alone (no row of the step samples) and among others, end with their error while every other request gets the
+    one-process engine's tokens; the follower returns once process 0's engine closes."""
+    import json
+
+    from mlx_llama4 import load
+    from mlx_llama4.engine import Engine
+    from sharding_engine_worker import requests
+
+    worker = Path(__file__).parent / "sharding_engine_worker.py"
+    proc = launch(2, [sys.executable, str(worker), str(tmp_path)], cwd=worker.parent)
+    files = [tmp_path / f"rank{r}.json" for r in range(2)]
+    assert proc.returncode == 0 and all(f.exists() for f in files), proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads(f.read_text()) for f in files]
+    with Engine(*load("demo"), max_batch=4) as engine:
+        expected = json.loads(json.dumps(requests(engine)))  # tuples as the worker's JSON holds them
+    assert ranks[0]["events"] == expected and ranks[1]["followed"]
+    finishes = [events[-1][1] for events in expected]
+    assert finishes[0] == finishes[2] == finishes[3] == "error" and "error" not in finishes[4:] + finishes[1:2]
+    assert len(expected[3]) == 4  # three tokens, then the failure
