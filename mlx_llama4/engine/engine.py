@@ -149,11 +149,15 @@ class Engine:
         )
 
     def close(self) -> None:
-        """Stop the device thread; requests still in the engine end with "cancelled"."""
+        """Stop the device thread; requests still in the engine end with "cancelled". Split across processes,
+        wait for it at most ``plans.CLOSE_WAIT`` seconds."""
         with self._lock:
             self._closed = True
             self._lock.notify()
-        self._thread.join()
+        self._thread.join(self._plans.close_wait)
+        if self._thread.is_alive():  # split across processes: a collective that never returns
+            log.error("the engine did not stop within %s s: another process of the launch has gone",
+                      self._plans.close_wait)
         atexit.unregister(self.close)
 
     def __enter__(self) -> "Engine":

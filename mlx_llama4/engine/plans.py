@@ -11,6 +11,10 @@ message. The others only carry the plan out (``follower.follow``), so they feed 
 A message is bytes summed across the group: process 0's bytes plus the others' zeros, a head of ``HEAD`` bytes
 in one sum and the rest, if any (a prompt's token ids and pixels), in a second.
 
+If a process of the group dies, a collective may never return on the others (the ring backend's sends block):
+``mlx.launch`` then stops the other processes, and process 0's engine, closing, waits at most ``CLOSE_WAIT`` for
+its device thread. If process 0 dies, a follower's next plan is empty, and it raises ``ConnectionError``.
+
 While the engine is idle the others must not wait inside a collective: MLX's ring backend waits by polling its
 sockets, a busy loop. So an idle engine sends an "idle" plan every ``BEAT`` seconds, and after it both sides
 sleep until the next: a request that comes in meanwhile waits at most ``BEAT`` for the other processes.
@@ -19,16 +23,14 @@ sleep until the next: a request that comes in meanwhile waits at most ``BEAT`` f
 from __future__ import annotations
 
 import json
-import logging
 import struct
 from typing import Any, Optional
 
 import mlx.core as mx
 import numpy as np
 
-log = logging.getLogger(__name__)
-
 BEAT = 0.05  # seconds between an idle engine's plans
+CLOSE_WAIT = 30.0  # seconds a closing engine waits for its step and last plan (a gone process blocks them forever)
 HEAD = 1024  # bytes of a message in its first sum: a decode step's tokens fit
 
 
@@ -97,6 +99,7 @@ class PlanSender:
     def __init__(self, group: Optional[mx.distributed.Group]):
         self.group = group
         self.beat = BEAT if group is not None else None  # how long an idle engine waits between plans
+        self.close_wait = CLOSE_WAIT if group is not None else None  # how long closing waits for the device thread
         self._ops: list[tuple] = []
         self._sent = False
 
@@ -118,14 +121,9 @@ class PlanSender:
         self._sent = False
 
     def stop(self) -> None:
-        """The last plan: the other processes return from ``follow``. They may have gone already (one of them
-        failed, and the connection with it)."""
-        if self.group is None:
-            return
-        try:
+        """The last plan: the other processes return from ``follow``."""
+        if self.group is not None:
             self._flush(("stop",))
-        except RuntimeError as e:
-            log.warning("could not tell the other processes to stop: %s", e)
 
     def _flush(self, op: tuple) -> None:
         ops, self._ops = [*self._ops, op], []
