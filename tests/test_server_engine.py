@@ -133,9 +133,13 @@ def _cancelled(url: str) -> float:
 def test_a_client_leaving_mid_stream_frees_its_row(served):
     url, engine = served
     before = _cancelled(url)
-    # A prompt of about 3900 tokens: its prefill (several steps) is still running when the client leaves.
+    # A prompt of about 3900 tokens: its prefill (several steps) is still running when the client leaves. The
+    # schema asks for a string longer than max_tokens can hold, so the reply cannot end on its own before the
+    # server sees the client leave, however slow or fast this machine is.
+    long_string = {"type": "object", "properties": {"a": {"type": "string", "minLength": 2000}}, "required": ["a"]}
     body = {"model": "demo", "stream": True, "max_tokens": 200, "temperature": 0.0,
-            "messages": [{"role": "user", "content": "red green blue " * 1300}]}
+            "messages": [{"role": "user", "content": "red green blue " * 1300}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": long_string}}}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
         lines = r.iter_lines()  # kept until the client leaves: a dropped line iterator closes the connection
         assert '"role":"assistant"' in next(lines)
