@@ -131,6 +131,18 @@ class Launch:
         self.proc.stdin.close()
 
 
+def launched_process(launch: Launch, rank: int) -> int:
+    """The id of the launch's process of this rank (mlx.launch gives each its rank in ``MLX_RANK``)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getpgid(int(proc.name)) == launch.proc.pid:
+                if f"MLX_RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    return int(proc.name)
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    raise AssertionError(f"no process of rank {rank} in the launch")
+
+
 def assert_stopped_cleanly(output: str, rank0_code: int) -> None:
     """mlx.launch names each process that failed or that it killed: process 0 stopped on Ctrl-C (with
     ``rank0_code``), process 1 at its word. The launcher's own Ctrl-C traceback aside, no process failed."""
@@ -167,6 +179,22 @@ def test_only_process_0_prints_and_ctrl_c_stops_both(launched):
     _, _, output = launched
     assert output.count("Loading ") == 1 and output.count("Serving demo on") == 1, output[-3000:]
     assert_stopped_cleanly(output, 130)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the launch's processes in /proc")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_dead_process_ends_the_launch(rank):
+    """A process of a serving launch dies (SIGKILL): the other ends too, rather than wait forever in a collective
+    (process 1 finds process 0's plans gone; process 0, stopped by mlx.launch, waits a bounded time for its
+    engine)."""
+    launch = Launch(2, ["serve", "--port", "0"], r"on (http://127\.0\.0\.1:\d+)/v1")
+    try:
+        assert ask(launch.url, messages("Hello!")).choices[0].message.content
+        os.kill(launched_process(launch, rank), signal.SIGKILL)
+        launch.proc.wait(timeout=TIMEOUT)
+    finally:
+        launch.close()
+    assert f"rank {rank} exited with code -9" in launch.output(), launch.output()[-3000:]
 
 
 def test_app_under_mlx_launch(tmp_path):
