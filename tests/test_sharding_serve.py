@@ -1,13 +1,17 @@
-"""``mlx-llama4 serve`` under ``mlx.launch --backend ring -n 2`` (on 127.0.0.1) with the demo model: process 0 serves
-HTTP with its share of the model, process 1 follows its engine. Against the same server in one process (the
-one-process engine), through the official ``openai`` client, greedy: concurrent streams of different lengths,
-one with an image, while another stream is cancelled; a follow-up turn that reuses the prefix cache; with float
-and with 8-bit KV. Only process 0 prints, and Ctrl-C (SIGINT to every process, as a terminal sends it) stops both
-cleanly: process 0 closes its engine, which tells process 1 to stop.
+"""Serving under ``mlx.launch --backend ring -n 2`` (on 127.0.0.1) with the demo model: process 0 runs the
+engine, process 1 follows it.
 
-``mlx-llama4 app`` likewise: two sessions against ``stream_generate`` in one process.
+- ``mlx-llama4 serve`` against the same server in one process (the one-process engine), through the official
+  ``openai`` client, greedy: concurrent streams of different lengths, one with an image, while another stream
+  is cancelled; a follow-up turn that reuses the prefix cache; float and 8-bit KV. Only process 0 prints, and
+  Ctrl-C (SIGINT to every process, as a terminal sends it) stops both cleanly.
+- ``mlx-llama4 app``: two sessions at once against ``stream_generate`` in one process; the picker keeps the
+  launch's model.
+- The engine itself (``sharding_engine_worker.py``): requests whose sampling fails keep the processes in step,
+  and the follower returns when the engine closes.
+- A process killed ends the launch instead of leaving the other waiting forever.
 
-Each configuration is one launch (seconds of start-up per process on a loaded 2-core machine).
+Each case is one launch (seconds of start-up per process on a loaded 2-core machine).
 """
 
 from __future__ import annotations
