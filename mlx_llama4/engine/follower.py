@@ -95,8 +95,9 @@ def follow(model: Model) -> None:
     """Carry out process 0's engine plans on this process's share of ``model`` until its engine closes.
 
     Call it on every process but 0 of a model split across processes (``load(..., group=...)``) while process 0
-    runs an ``Engine`` on it. Between plans of an idle engine it sleeps (plans.py). A failure here (the
-    connection to process 0 lost, too little memory) raises, and process 0's engine fails at its next plan.
+    runs an ``Engine`` on it. Between plans of an idle engine it sleeps (plans.py). A failure here (process 0
+    gone: ``ConnectionError``; too little memory) raises: under ``mlx.launch``, this process then exits with an
+    error and the launcher ends the others.
     """
     sharding = model.sharding
     if sharding is None or sharding.group.rank() == 0:
