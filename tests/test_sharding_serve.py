@@ -20,12 +20,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -109,7 +111,16 @@ class Launch:
             stdin=subprocess.PIPE, stdout=self.err, stderr=self.err, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})  # standard input open: see test_sharding_launch.launch
         self.url = None
-        wait_until(lambda: self._serving(address), timeout=TIMEOUT, what="the launch to serve")
+        wait_until(lambda: self._serving(address), timeout=TIMEOUT, what="the launch to print its address")
+        wait_until(self._listening, timeout=TIMEOUT, what="the launch to listen")  # serve prints it first
+
+    def _listening(self) -> bool:
+        try:
+            address = urlsplit(self.url)
+            socket.create_connection((address.hostname, address.port), timeout=5).close()
+            return True
+        except OSError:
+            return False
 
     def _serving(self, address: str) -> bool:
         found = re.search(address, self.output())
