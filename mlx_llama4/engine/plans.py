@@ -53,6 +53,7 @@ def encode(ops: list[tuple]) -> bytes:
 
 
 def decode(data: bytes) -> list[list]:
+    """The operations ``encode`` wrote, tuples as lists, arrays as read-only numpy views of ``data``."""
     (n,) = struct.unpack_from("<I", data)
     body = memoryview(data)[4 + n :]
 
