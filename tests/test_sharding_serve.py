@@ -269,3 +269,15 @@ def test_failing_samples_keep_the_processes_in_step(tmp_path):
     finishes = [events[-1][1] for events in expected]
     assert finishes[0] == finishes[2] == finishes[3] == "error" and "error" not in finishes[4:] + finishes[1:2]
     assert len(expected[3]) == 4  # three tokens, then the failure
+
+
+def test_the_engine_refuses_a_model_split_by_layers():
+    from mlx_llama4 import load
+    from mlx_llama4.engine import Engine
+    from mlx_llama4.sharding import Sharding
+    from sharding_checkpoints import FakeGroup
+
+    model, processor = load("demo")
+    model.sharding = Sharding(FakeGroup(0, 2), "pipeline")  # what load(..., parallel="pipeline") sets
+    with pytest.raises(ValueError, match="tensor parallelism, not pipeline parallelism"):
+        Engine(model, processor)
