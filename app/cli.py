@@ -1,4 +1,8 @@
-"""``mlx-llama4 app``: load a model, then serve the chat on http://127.0.0.1:7860 (local only by default)."""
+"""``mlx-llama4 app``: load a model, then serve the chat on http://127.0.0.1:7860 (local only by default).
+
+Under ``mlx.launch`` (README.md, "Several Macs") process 0 runs the app on its share of the model, and the other
+processes load theirs and follow its engine (``mlx_llama4.engine.follow_if_launched``).
+"""
 
 from __future__ import annotations
 
@@ -85,6 +89,14 @@ def make_app(args: argparse.Namespace, holder=None):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from mlx_llama4.engine import follow_if_launched
+
+    try:
+        if follow_if_launched(args.model):  # under mlx.launch, processes 1, 2, ...: process 0 runs the app
+            return 0
+    except (OSError, ValueError) as e:  # a model that cannot be loaded, or process 0 gone
+        print(f"mlx-llama4 app: error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     problem = check_address(args.host, args.port)
     if problem:

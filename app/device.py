@@ -6,10 +6,14 @@ under a lock. Handlers run no MLX computation: replies go through the engine, an
 of its own (``on_own_thread``). MLX keeps streams per thread, and a thread that ran MLX work must let them go
 before it ends, or the process may abort at exit; Gradio's pool threads live on and never would, so loading
 is not done on them.
+
+Under ``mlx.launch`` the model is split across the launch's processes (this one is process 0; app/cli.py): the
+holder keeps the model it started with, as the other processes hold their shares of that one.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -181,6 +185,11 @@ class ModelHolder:
             if self._current is not None and self._current.name == name:
                 report(1.0, f"{name} is already loaded")
                 return self._current
+            sharding = self._current.model.sharding if self._current is not None else None
+            if sharding is not None:  # every process of the launch holds a share of this model, and only it
+                raise ValueError(f"this app runs under mlx.launch on {sharding.size} processes that share "
+                                 f"{self._current.name}: it serves only that model (launch again with --model "
+                                 f"{name})")
             source = _locate(name, report)  # before the current model is released: a bad name changes nothing
             previous = self._current.name if self._current is not None else None
             self.loading = name
@@ -229,8 +238,9 @@ class ModelHolder:
         if self._loader is not None:
             return self._loader
         from mlx_llama4 import load
+        from mlx_llama4.sharding import process_group
 
-        return load
+        return functools.partial(load, group=process_group())  # under mlx.launch: this process's share
 
     def _fits(self, source: Any) -> bool:
         """Whether ``source`` can load while the current model stays."""

@@ -2,9 +2,11 @@
 
 Order matters for the user: flags and the bind-address rule are checked first, then the port is bound (a busy
 port is reported before minutes of model loading), then the model loads and the server runs until Ctrl-C,
-which closes the engine. Exit codes: 0 after a normal stop, 2 for usage or input errors (bad flags, a busy
-port, a model that cannot be loaded), 1 for anything unexpected, 130 after Ctrl-C and 143 after SIGTERM (both
-stop the server gracefully and close the engine).
+which closes the engine. Under ``mlx.launch`` (README.md, "Several Macs") process 0 does all this with its share
+of the model, and the other processes only load theirs and follow its engine (``engine_client.follow``). Exit
+codes: 0 after a normal stop, 2 for usage or input errors (bad flags, a busy port, a model that cannot be
+loaded), 1 for anything unexpected, 130 after Ctrl-C and 143 after SIGTERM (both stop the server gracefully and
+close the engine).
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         problem = problem or str(e)
     if problem:
         print(f"mlx-llama4 serve: error: {problem}", file=sys.stderr)
+        return 2
+    from .engine_client import follow
+
+    try:
+        if follow(args.model, args.revision):  # under mlx.launch, processes 1, 2, ...: process 0 serves
+            return 0
+    except (OSError, ValueError) as e:  # a model that cannot be loaded, or process 0 gone
+        print(f"mlx-llama4 serve: error: {e}", file=sys.stderr)
         return 2
     try:
         sock = _bind(args.host, args.port)

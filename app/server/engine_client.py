@@ -110,6 +110,14 @@ class Generation:
         return item
 
 
+def follow(model: str, revision: Optional[str] = None) -> bool:
+    """Under ``mlx.launch``, on every process but 0: load this process's share of ``model`` and carry out process
+    0's engine steps until its server stops, then return True. Alone or on process 0, False at once."""
+    from mlx_llama4.engine import follow_if_launched
+
+    return follow_if_launched(model, revision)
+
+
 class EngineClient:
     """The loaded model's engine, as the HTTP routes use it."""
 
@@ -126,11 +134,13 @@ class EngineClient:
     def start(cls, model: str, *, revision: Optional[str] = None, max_batch: int = 8, max_queue: int = 64,
               prefix_cache_bytes: int = 2 * 2**30, kv_bits: Optional[int] = None,
               kv_group_size: Optional[int] = None) -> "EngineClient":
-        """Load ``model`` (a folder, a Hub repo id or "demo") and start an engine on it."""
+        """Load ``model`` (a folder, a Hub repo id or "demo") and start an engine on it. Under ``mlx.launch`` this
+        is process 0: it loads its share, and the other processes ``follow`` (see there)."""
         from mlx_llama4 import load
         from mlx_llama4.engine import Engine
+        from mlx_llama4.sharding import process_group
 
-        loaded, processor = load(model, revision=revision)
+        loaded, processor = load(model, revision=revision, group=process_group())
         return cls(Engine(loaded, processor, max_batch=max_batch, max_queue=max_queue,
                           prefix_cache_bytes=prefix_cache_bytes, kv_bits=kv_bits, kv_group_size=kv_group_size))
 

@@ -8,9 +8,13 @@
         handle = engine.submit("Hello!", max_tokens=40)
         for event in handle:
             print(event.text, end="", flush=True)
+
+Under ``mlx.launch`` with a model split across processes, process 0 runs the engine and the others ``follow`` it
+(``follow_if_launched`` for front doors; follower.py).
 """
 
 from .engine import Engine
+from .follower import follow, follow_if_launched
 from .requests import EngineFull, Event, Handle, SamplingParams
 
-__all__ = ["Engine", "EngineFull", "Event", "Handle", "SamplingParams"]
+__all__ = ["Engine", "EngineFull", "Event", "Handle", "SamplingParams", "follow", "follow_if_launched"]

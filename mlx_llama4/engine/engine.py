@@ -6,6 +6,9 @@ batched decode step for all running rows. A prefilled request samples its first 
 and joins the batch; a finished or cancelled one leaves it before the next step, and its KV goes to the prefix
 cache. Prompt processing (template, tokenizer, images) happens in ``submit``, in the caller's thread; every
 MLX operation runs on the engine's thread.
+
+With a model split across processes (``model.sharding``), this engine runs on process 0 and sends each step's
+plan to the others, which run ``follower.follow`` (plans.py says how).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..model import Model
 from ..prompts import Prompt, prepare_prompt
 from ..text_stream import TextStream, special_token_ids
 from .batch_cache import BatchCache
+from .plans import PlanSender
 from .prefix_cache import PrefixCache
 from .requests import EngineFull, Event, Handle, SamplingParams
 from .sampling import Choice, RowSampler
@@ -59,7 +63,8 @@ class _Sequence:
 
 
 class Engine:
-    """Runs requests through ``model`` together; see ``submit``. Starts its device thread at once."""
+    """Runs requests through ``model`` together; see ``submit``. Starts its device thread at once. For a model
+    split across processes, make it on process 0 while the others run ``follow(model)``."""
 
     def __init__(self, model: Model, processor: Any, *, max_batch: int = 8, max_queue: int = 64,
                  prefill_step: int = 512, prefix_cache_bytes: int = 2 * 2**30, kv_bits: Optional[int] = None,
@@ -69,6 +74,9 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         kv_group_size = kv_group_size_for(model, kv_bits, kv_group_size)  # ValueError names a bad one
+        if model.sharding is not None and model.sharding.mode != "tensor":
+            raise ValueError(f"the engine runs on a model split by tensor parallelism, not {model.sharding.mode} "
+                             "parallelism (which generate and chat support)")
         self.model = model
         self.processor = processor
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
@@ -88,6 +96,8 @@ class Engine:
         self._batch = BatchCache(model.make_cache(), kv_bits, kv_group_size)
         self._prefix = PrefixCache(model, prefix_cache_bytes) if prefix_cache_bytes else None
         self._totals = dict(requests=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
+        self._plans = PlanSender(model.sharding.group if model.sharding is not None else None)
+        self._plans.record("engine", kv_bits, kv_group_size)
         self._thread = threading.Thread(target=self._loop, name="mlx-llama4-engine", daemon=True)
         self._thread.start()
         atexit.register(self.close)  # its arrays must be freed on its thread before the process exits
@@ -139,11 +149,15 @@ class Engine:
         )
 
     def close(self) -> None:
-        """Stop the device thread; requests still in the engine end with "cancelled"."""
+        """Stop the device thread; requests still in the engine end with "cancelled". Split across processes,
+        wait for it at most ``plans.CLOSE_WAIT`` seconds."""
         with self._lock:
             self._closed = True
             self._lock.notify()
-        self._thread.join()
+        self._thread.join(self._plans.close_wait)
+        if self._thread.is_alive():  # split across processes: a collective that never returns
+            log.error("the engine did not stop within %s s: another process of the launch has gone",
+                      self._plans.close_wait)
         atexit.unregister(self.close)
 
     def __enter__(self) -> "Engine":
@@ -163,7 +177,8 @@ class Engine:
             while True:
                 with self._lock:
                     while not (self._closed or self._waiting or self._prefilling or self._running):
-                        self._lock.wait()
+                        if not self._lock.wait(self._plans.beat):
+                            break  # split across processes: the step sends an "idle" plan
                     if self._closed:
                         break
                     if self._prefilling is None and self._waiting and len(self._running) < self.max_batch:
@@ -173,6 +188,7 @@ class Engine:
                     self._prefill_piece(self._prefilling)
                 if self._running:
                     self._decode_step()
+                self._plans.idle()
         except Exception as e:  # a bug: fail every request rather than leave callers waiting forever
             log.exception("engine loop failed")
             self._shut_down("error", f"engine failure: {e}")
@@ -185,6 +201,7 @@ class Engine:
         if self._prefix is not None:
             self._prefix.clear()
         mx.synchronize()
+        self._plans.stop()
         mx.clear_streams()
         mx.clear_cache()
 
@@ -205,6 +222,7 @@ class Engine:
         if self._prefilling is not None and self._prefilling.handle.cancelled:
             dropped.append(self._prefilling)
             self._prefilling = None
+            self._plans.record("drop")
         for seq in dropped:
             self._finish(seq, Event(seq.text.finish(), None, "cancelled", **self._usage(seq)))
         cancelled = [s for s in self._running if s.handle.cancelled]
@@ -220,6 +238,7 @@ class Engine:
                 self._start_prefill(seq)
             left = len(seq.prompt) - seq.fed
             n = min(self.prefill_step, left - 1) if left > 1 else 1
+            self._plans.send("prefill", n, left == 1)
             ids = mx.array(seq.prompt.ids[seq.fed : seq.fed + n])[None]  # (1, n)
             at = seq.fed - seq.cached
             embeddings = None if seq.embeddings is None else seq.embeddings[at : at + n][None]
@@ -236,31 +255,38 @@ class Engine:
             caches, seq.caches = seq.caches, None
             if self._sample([seq], logits[:, -1, :]):  # finished at its first token
                 self._store(seq, caches)
+                self._plans.record("drop")
                 self._finish(seq, seq.final)
                 return
             self._store(seq, caches)  # the prompt's KV, for requests that share it (the batch copies it)
             self._batch.add(caches)
+            self._plans.record("join")
             self._running.append(seq)
         except Exception as e:
             log.exception("prefill of request %d failed", seq.handle.id)
             self._prefilling = None
+            self._plans.record("drop")
             self._finish(seq, Event("", None, "error", error=f"{type(e).__name__}: {e}", **self._usage(seq)))
 
     def _start_prefill(self, seq: _Sequence) -> None:
         prompt = seq.prompt
         seq.sampler = RowSampler(seq.params, prompt.ids)
-        start, caches = self._prefix.fetch(prompt.keys, prompt.image_spans) if self._prefix else (0, None)
+        start, caches, entry = (self._prefix.fetch(prompt.keys, prompt.image_spans) if self._prefix
+                                else (0, None, None))
         seq.caches = caches if caches is not None else self.model.make_cache()
         seq.cached = seq.fed = start
         seq.handle.progress = (start, len(prompt))
         later = [i for i, (s, _) in enumerate(prompt.image_spans) if s >= start]  # images still to feed
-        if later:
-            pixels = mx.array(prompt.pixel_values[prompt.first_tiles[later[0]] :])
-            seq.embeddings = self.model.embed(mx.array(prompt.ids[start:])[None], pixels)[0]  # (L - start, D)
+        pixels = prompt.pixel_values[prompt.first_tiles[later[0]] :] if later else None  # (tiles, 3, S, S)
+        if pixels is not None:
+            seq.embeddings = self.model.embed(mx.array(prompt.ids[start:])[None], mx.array(pixels))[0]  # (L - start, D)
+        self._plans.record("start", prompt.ids[start:], pixels, None if entry is None else [entry, start])
 
     def _decode_step(self) -> None:
         rows = self._running
-        tokens = mx.array([[s.generated[-1]] for s in rows], dtype=mx.int32)  # (B, 1)
+        last = [s.generated[-1] for s in rows]
+        self._plans.send("decode", last)
+        tokens = mx.array(last, dtype=mx.int32)[:, None]  # (B, 1)
         try:
             logits = self.model.language_model(tokens, cache=self._batch.layers)[:, -1, :]  # (B, V)
             finished = self._sample(rows, logits)
@@ -283,7 +309,8 @@ class Engine:
             except Exception as e:
                 log.exception("sampling for request %d failed", seq.handle.id)
                 choices.append(e)
-        mx.eval([c.arrays() for c in choices if isinstance(c, Choice)])
+        # The logits too: split across processes, their step's collectives must run even if every row failed.
+        mx.eval(logits, [c.arrays() for c in choices if isinstance(c, Choice)])
         finished = []
         for seq, choice in zip(seqs, choices):
             if isinstance(choice, Exception):
@@ -325,17 +352,19 @@ class Engine:
         leaving = {id(s) for s in seqs}
         for row, seq in enumerate(self._running):
             if store and id(seq) in leaving and self._prefix is not None:
-                self._store(seq, self._batch.extract(row))
+                self._store(seq, self._batch.extract(row), row)
         keep = [r for r, s in enumerate(self._running) if id(s) not in leaving]
         self._batch.filter(keep)
+        self._plans.record("filter", keep)
         self._running = [self._running[r] for r in keep]
         for seq in seqs:
             self._finish(seq, seq.final)
 
-    def _store(self, seq: _Sequence, caches: list[Any]) -> None:
+    def _store(self, seq: _Sequence, caches: list[Any], row: Optional[int] = None) -> None:
+        """Offer ``caches`` (the prompt just prefilled, or batch row ``row``) to the prefix cache."""
         if self._prefix is not None:
             mx.eval([c.state for c in caches])
-            self._prefix.insert(seq.fed_keys(), caches)
+            self._plans.record("keep", *self._prefix.insert(seq.fed_keys(), caches), row)
 
     def _finish(self, seq: _Sequence, event: Event) -> None:
         """Count a request out, then send its final event."""
