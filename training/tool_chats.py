@@ -28,29 +28,18 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from mlx_llama4.demo_tools import TOOL_NAMES, TOOLS
+
 import shapes
 
 NO_TOOL = "I have no tool for that."
 
 
-def _tool(name: str, description: str, properties: dict) -> dict:
-    return {"type": "function", "function": {
-        "name": name, "description": description,
-        "parameters": {"type": "object", "properties": properties, "required": list(properties)}}}
-
-
-# Deliberately plain specs: no enum of the colours and shapes, no example expression. A first training run with
-# them (975 of 2000 steps) learnt when to call which tool but copied no argument from the question: its global
-# (NoPE) layers, the only ones that reach past a 32-token chunk, found the question's colour among the enum's
-# six and its numbers among the example's, and wrote constants ("circle", "orange") instead.
-TOOLS = {
-    "calculator": _tool("calculator", "Work out an arithmetic expression.", {"expression": {"type": "string"}}),
-    "draw_shape": _tool("draw_shape", "Draw a shape in a colour.",
-                        {"shape": {"type": "string"}, "colour": {"type": "string"}}),
-    "random_number": _tool("random_number", "Pick a random whole number from low to high.",
-                           {"low": {"type": "integer"}, "high": {"type": "integer"}}),
-}
-TOOL_NAMES = tuple(TOOLS)
+# The specs (mlx_llama4/demo_tools.py, shared with the app) are deliberately plain: no enum of the colours and
+# shapes, no example expression. A first training run with them (975 of 2000 steps) learnt when to call which tool
+# but copied no argument from the question: its global (NoPE) layers, the only ones that reach past a 32-token
+# chunk, found the question's colour among the enum's six and its numbers among the example's, and wrote
+# constants ("circle", "orange") instead.
 
 # Operators: (symbol in the expression, words a question may use, the word of the answer).
 OPERATORS = {
