@@ -448,7 +448,9 @@ def ship(hf_folder: Path, package_folder: Path) -> Path:
     accuracy = measure_accuracy(staging)
     card += "\nHeld-out accuracy through mlx-llama4, greedy, {n} fresh images per question: " \
             "colour {colour:.0%}, shape {shape:.0%}, count {count:.0%}; tools ({tool_n} held-out requests per " \
-            "tool): right call {tool_call:.0%}, answer from the result {tool_answer:.0%}, no call when none is " \
+            "tool): right tool called {tool_select:.0%}, right call with the right arguments {tool_call:.0%} (calculator {tool_call_calculator:.0%}, draw_shape " \
+            "{tool_call_draw_shape:.0%}, random_number {tool_call_random_number:.0%}), answer from the result " \
+            "{tool_answer:.0%}, no call when none is " \
             "needed {tool_no_call:.0%}, no call when the tool is not offered {tool_not_offered:.0%}.\n".format(
                 **accuracy, tool_n=accuracy["n"] // 2)
     print(card.splitlines()[-1], flush=True)
