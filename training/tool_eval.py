@@ -7,8 +7,10 @@ string OpenAI's ``function.arguments`` holds. ``tests/test_demo_tools.py`` answe
 
 Scores, each a fraction of its cases (the phrasings are ``tool_chats.HELD_OUT``, the numbers fresh):
 
-- ``call``: a request whose tool is offered (among 1 to 3 tools in a random order) gets exactly one call, to
-  that tool, with exactly the expected arguments (compared as JSON values);
+- ``select``: a request whose tool is offered (among 1 to 3 tools in a random order) gets exactly one call, to
+  that tool, whatever its arguments;
+- ``call``: the same, with exactly the expected arguments (compared as JSON values); ``call_<tool>``: ``call``
+  for one tool's requests;
 - ``answer``: given that call (arguments as the JSON string clients send back) and the tool's result, the next
   reply is exactly the expected answer, without a call;
 - ``no_call``: with all tools offered, a greeting or a question about the model gets its usual reply, no call;
@@ -57,7 +59,7 @@ def measure(ask: Ask, n: int = 20, seed: int = SEED) -> tuple[dict, list]:
     """({score: fraction}, misses as (score, what was asked, expected, reply)); ``n`` requests per tool for
     ``call`` and ``answer``, ``n`` cases for ``no_call`` and for ``not_offered``."""
     rng = random.Random(seed)
-    right = {"call": 0, "answer": 0, "no_call": 0, "not_offered": 0}
+    right = {"select": 0, "call": 0, "answer": 0, "no_call": 0, "not_offered": 0, **{f"call_{t}": 0 for t in tool_chats.TOOL_NAMES}}
     total = dict.fromkeys(right, 0)
     misses = []
 
@@ -73,7 +75,11 @@ def measure(ask: Ask, n: int = 20, seed: int = SEED) -> tuple[dict, list]:
             tools = tool_chats.offered_tools(_offered(rng, tool))
             question = [{"role": "user", "content": req.question}]
             reply = ask(question, tools)
-            score("call", _is_call(reply, tool, req.arguments), req.question, (tool, req.arguments), reply)
+            called = _is_call(reply, tool, req.arguments)
+            score("select", [name for name, _ in reply[1]] == [tool], req.question, tool, reply)
+            score("call", called, req.question, (tool, req.arguments), reply)
+            total[f"call_{tool}"] += 1
+            right[f"call_{tool}"] += called
             messages = question + [_openai_call(tool, req.arguments),
                                    {"role": "tool", "tool_call_id": "call_0", "content": req.result}]
             reply = ask(messages, tools)
