@@ -4,6 +4,7 @@
     python -m bench --quick         # fewer repeats and context lengths (a smoke run, ~10 minutes)
     python -m bench --only 1,4      # some items only (1-9, listed in bench/README.md)
     python -m bench --only 9        # long context, 2K to 64K tokens (not in the default run: hours on 2 cores)
+    python -m bench --only 9 --contexts 2048,8192   # long context at these prompt lengths only
     python -m bench --update-docs   # write the results into docs/bench/, the copy the README quotes
                                     # (with --only: replaces those items there, keeps the others)
     python -m bench --render --out DIR   # rewrite DIR/RESULTS.md and the plots from DIR/results.json
@@ -32,7 +33,7 @@ ALL_ITEMS = "1,2,3,4,5,6,7,8"
 # the results.json keys each item writes
 ITEM_KEYS = {1: ("speed", "mlx_lm_raw_load"), 2: ("kernel_sum",), 3: ("experts",),
              4: ("context_speed", "context", "context_chunked_prefill"), 5: ("vision",), 6: ("convert",),
-             7: ("serving",), 8: ("sharding",)}
+             7: ("serving",), 8: ("sharding",), 9: ("long_context",)}
 
 
 def run_worker(task: str, timeout: float = 1200, **kwargs) -> dict:
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=ALL_ITEMS,
                     help="comma-separated item numbers (default: 1-8; 9, long context, takes hours on 2 cores)")
     ap.add_argument("--repeats", type=int, default=None, help="prefill runs per model and context (default 3, quick 1)")
+    ap.add_argument("--contexts", default=None,
+                    help="item 9's prompt lengths, comma-separated (default 2048-65536 by powers of 2, quick to 8192)")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--out", default=None,
                        help="folder for results.json, RESULTS.md and the plots (default: bench-results/<date-time>)")
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
         results["sharding"] = sharding.run(steps=steps // 2)
     if 9 in items:
         print("9. long context: peak memory and speed, 2K to 64K tokens (one process per point)", flush=True)
-        results["long_context"] = long_context.run(run_worker, args.quick)
+        contexts = sorted(int(x) for x in args.contexts.split(",")) if args.contexts else None
+        results["long_context"] = long_context.run(run_worker, args.quick, contexts=contexts)
     results["runtime_s"] = time.perf_counter() - t_start
     results["machine"]["loadavg_end"] = report.loadavg()
     if args.update_docs and items != {int(x) for x in ALL_ITEMS.split(",")} and (DOCS / "results.json").exists():

@@ -182,8 +182,12 @@ class GlobalCache(BaseCache):
         slots = -(-needed // self.step) * self.step
 
         def grown(a):
-            spare = mx.zeros((*a.shape[:2], slots - self.offset, a.shape[3]), a.dtype)
-            return mx.concatenate([a[..., : self.offset, :], spare], axis=2)
+            # The held positions are written into the new buffer in place, so the old and the new buffer are all
+            # that is alive; concatenating them with zeros would also hold the zeros, nearly a second new buffer.
+            buf = mx.zeros((*a.shape[:2], slots, a.shape[3]), a.dtype)
+            if self.offset:
+                buf[..., : self.offset, :] = a[..., : self.offset, :]
+            return buf
 
         self.keys, self.values = tree_map(grown, (self.keys, self.values))
 
