@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from mlx_llama4 import PromptCache, generate, stream_generate
+from mlx_llama4.demo_tools import TOOLS as DEMO_TOOLS
 from server_helpers import picture
 
 # Bounded strings and lists: a model that knows nothing of JSON would otherwise write one string until max_tokens.
@@ -60,9 +61,14 @@ def test_greedy_with_an_image_and_a_prompt_cache(demo):
 
 
 def test_json_object_replies_are_objects_when_they_end(demo):
+    """Every reply that ended is an object; asked for a calculation with its calculator offered, the demo model
+    writes its call, one object, and ends."""
+    _, processor = demo
+    calculation = processor.apply_chat_template([{"role": "user", "content": "What is 17 times 23?"}],
+                                                tools=[DEMO_TOOLS["calculator"]])
     ended = 0
     for seed in range(6):
-        text, finish = reply(demo, "Hello!", max_tokens=24, temperature=1.0, seed=seed,
+        text, finish = reply(demo, calculation if seed % 2 else "Hello!", max_tokens=24, temperature=1.0, seed=seed,
                              response_format={"type": "json_object"})
         assert text.startswith("{")
         if finish == "stop":

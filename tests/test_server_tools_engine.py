@@ -3,13 +3,13 @@ model (float32, greedy). The reference for every reply is the one-sequence path:
 the checkpoint's template renders with the same tools (and, for forced calls and JSON output, the same JSON
 schema as ``response_format=``), so the server must hand the engine exactly that prompt and constraint.
 
-- a forced call (``tool_choice`` ``required`` or named), its ``tool`` result and the final answer: the round
-  trip that today's demo model, which was not trained on tools, can make because the constraint forces the call;
+- a forced call (``tool_choice`` ``required`` or named) of tools the model was not trained on, its ``tool``
+  result and the final answer: the constraint forces the call;
 - ``response_format`` ``json_schema``: the reply validates with ``jsonschema``;
 - streamed tool calls: their deltas add up to the whole call;
 - ``<|eom|>`` after a call ends the turn on the engine;
-- ``test_auto_round_trip_with_the_retrained_demo``: the model chooses to call on its own (``tool_choice``
-  ``auto``); it needs the demo model retrained to call tools and is skipped until then.
+- ``tool_choice`` ``auto``: the demo model, trained to use its tools, chooses to call, then answers from the
+  result.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 from mlx_llama4 import generate  # noqa: E402
 from mlx_llama4.app.server.app import ServerSettings, create_app  # noqa: E402
 from mlx_llama4.app.server.engine_client import EngineClient  # noqa: E402
+from mlx_llama4.demo_tools import TOOLS as DEMO_TOOLS  # noqa: E402
 from mlx_llama4.engine import Engine  # noqa: E402
 from mlx_llama4.tool_calls import parse_tool_calls, tool_call_schema  # noqa: E402
 from server_helpers import ServerThread, openai_client  # noqa: E402, F401  (demo: a fixture)
@@ -127,22 +128,21 @@ def test_tool_choice_none_is_the_plain_reply(demo, served):  # noqa: F811
     assert reply.choices[0].message.content == serial(demo, QUESTION)
 
 
-# The tools the retrained demo model calls; keep in step with training/train_demo.py.
-RETRAINED_TOOLS = [ADD, COUNT]
-
-
-@pytest.mark.skip(reason="needs the demo model retrained to call tools on its own (tool_choice auto); remove this "
-                         "mark once the retrained demo is shipped")
-def test_auto_round_trip_with_the_retrained_demo(demo, served):  # noqa: F811
-    first = ask(served, QUESTION, tools=RETRAINED_TOOLS)
-    assert first.choices[0].finish_reason == "tool_calls"  # the model chose to call, and <|eom|> ended its turn
+def test_the_demo_calls_a_tool_on_its_own_and_answers_from_the_result(demo, served):  # noqa: F811
+    """``tool_choice`` auto: the demo model, trained on the tools of ``mlx_llama4.demo_tools``, calls the
+    calculator for a phrasing it was not trained on, with the request's numbers, and answers from the result:
+    the README's round trip, through the official client."""
+    tools = [DEMO_TOOLS["calculator"], DEMO_TOOLS["draw_shape"]]
+    question = [{"role": "user", "content": "Can you work out 36 divided by 12?"}]
+    first = ask(served, question, tools=tools)
+    assert first.choices[0].finish_reason == "tool_calls" and not first.choices[0].message.content
     (call,) = first.choices[0].message.tool_calls
-    assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 3, "b": 4}
-    history = [*QUESTION, first.choices[0].message.model_dump(exclude_none=True),
-               {"role": "tool", "tool_call_id": call.id, "content": "7"}]
-    final = ask(served, history, tools=RETRAINED_TOOLS)
-    assert final.choices[0].finish_reason == "stop" and "7" in final.choices[0].message.content
-    assert not final.choices[0].message.tool_calls
+    assert call.function.name == "calculator" and json.loads(call.function.arguments) == {"expression": "36 / 12"}
+    history = [*question, first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "3"}]
+    final = ask(served, history, tools=tools)
+    assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+    assert final.choices[0].message.content == "36 divided by 12 is 3."
 
 
 def test_eom_ends_a_calling_turn_on_the_engine(demo):  # noqa: F811

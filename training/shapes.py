@@ -23,15 +23,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (240, 210, 20),
-    "orange": (245, 135, 20),
-    "purple": (140, 50, 180),
-}
+from mlx_llama4.demo_tools import COLOURS, SHAPES  # the demo world's names, shared with the app
+
 COLOUR_NAMES = tuple(COLOURS)
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 POSITIONS = ("left", "middle", "right")

@@ -1,19 +1,23 @@
-"""Train the bundled demo model: a tiny Llama 4 that talks about pictures of simple shapes.
+"""Train the bundled demo model: a tiny Llama 4 that talks about pictures of simple shapes and calls tools.
 
-    # train (about 50 minutes on 2 shared CPU cores), write the HF-format folder, convert it into the package
-    OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf --ship mlx_llama4/demo
+    # the shipped model: 2000 steps (30% of the chats offering tools), then 1000 more (half of them with tools;
+    # the learning rate warms up again and decays), then the HF-format folder converted into the package
+    # (about 100 minutes on 2 shared CPU cores in all)
+    OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf
+    OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf --resume --steps 3000 \
+        --tool-share 0.5 --ship mlx_llama4/demo
     python training/train_demo.py --steps 60 --out /tmp/smoke  # a smoke run
 
 The model is transformers' ``Llama4ForConditionalGeneration`` in PyTorch (CPU, float32) with every structural
 feature of the real one at a tiny size: routed experts plus a shared expert in the MoE layers, dense layers
 between them, NoPE layers with attention temperature tuning, chunked attention with a small chunk, qk-norm,
 llama3 RoPE scaling, and the vision tower with pixel shuffle fed multi-tile images. Data is generated on the
-fly (``training/shapes.py``); the tokenizer is a small BPE with Llama 4's special tokens
+fly (``training/shapes.py``; chats that offer tools, ``training/tool_chats.py``); the tokenizer is a small BPE with Llama 4's special tokens
 (``training/tokenizer.py``). Everything is seeded: the same command gives the same weights on the same torch
 build and thread count.
 
 Prompts are built by ``mlx_llama4.processor.Processor``, the code that serves the model, so the training
-inputs (chat template, image tiling, image token layout) are exactly the inference inputs.
+inputs (chat template with the tools, image tiling, image token layout) are exactly the inference inputs.
 
 Outputs: ``--out`` (a Hugging Face checkpoint folder, weights in bfloat16, plus tokenizer, chat template,
 image-processor config and a model card). Progress checkpoints go to ``--work``; ``--resume`` continues one.
@@ -41,6 +45,8 @@ sys.path.insert(0, str(HERE))
 
 import shapes  # noqa: E402
 import tokenizer as demo_tokenizer  # noqa: E402
+import tool_chats  # noqa: E402
+import tool_eval  # noqa: E402
 
 TILE = 112  # tile side: 8x8 patches of 14 px -> 16 image tokens per tile after pixel shuffle
 MAX_PATCHES = 4  # up to 4 tiles (+ the global tile) per image
@@ -101,7 +107,10 @@ TEXT = dict(
 
 
 def build_tokenizer(seed: int):
-    return demo_tokenizer.train_tokenizer(shapes.corpus(random.Random(seed + 1)))
+    from mlx_llama4.processor import REFERENCE_CHAT_TEMPLATE
+
+    texts = shapes.corpus(random.Random(seed + 1)) + tool_chats.corpus(random.Random(seed + 2), REFERENCE_CHAT_TEMPLATE)
+    return demo_tokenizer.train_tokenizer(texts)
 
 
 def build_processor(tok):
@@ -172,38 +181,50 @@ def build_model(tok, seed: int):
 
 
 class Batcher:
-    """Encodes dialogs with the serving processor and masks everything but the assistant replies."""
+    """Encodes dialogs with the serving processor and masks everything but the assistant replies it trains."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, tool_share: float = 0.0):
         self.processor = processor
+        self.tool_share = tool_share
         self.header = processor.encode("<|header_start|>assistant<|header_end|>\n\n")
         self.eot = processor.token_id("<|eot|>")
         self.pad = processor.token_id("<|finetune_right_pad|>")
 
-    def encode(self, messages, images):
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=False)
+    def encode(self, messages, images, tools=None):
+        """(ids, labels, pixel values, tiles per image) of a chat rendered with ``tools`` offered. Labels hold
+        the replies and their ``<|eot|>`` of the assistant messages that are targets (``is_call_target``)."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=False, tools=tools)
         enc = self.processor(text=text, images=images)
         tiles = [tile_count(grid) for grid in enc["grids"]]
         ids = enc["input_ids"][0].astype(np.int64)
         labels = np.full_like(ids, -100)
+        targets = [tool_chats.is_call_target(m) for m in messages if m["role"] == "assistant"]
         h = len(self.header)
-        i = 0
+        i = turn = 0
         while i <= len(ids) - h:
             if ids[i] == self.header[0] and list(ids[i : i + h]) == self.header:
                 j = i + h
                 while j < len(ids) and ids[j] != self.eot:
                     j += 1
-                labels[i + h : j + 1] = ids[i + h : j + 1]  # the reply and its <|eot|>
+                if targets[turn]:
+                    labels[i + h : j + 1] = ids[i + h : j + 1]  # the reply and its <|eot|>
+                turn += 1
                 i = j
             i += 1
+        assert turn == len(targets), (turn, len(targets), text)
         return ids, labels, enc["pixel_values"], tiles
 
     def batch(self, rng: random.Random, size: int, micro: int = 1):
         """``micro`` MicroBatches, rows grouped by length to cut padding."""
         rows = []
         for _ in range(size):
-            messages, scenes = shapes.random_dialog(rng)
-            rows.append((*self.encode(messages, [s.image for s in scenes]), task_of(messages), scenes))
+            if rng.random() < self.tool_share:
+                messages, scenes, tools, task = tool_chats.random_dialog(rng)
+                task = f"tool:{task}"
+            else:
+                (messages, scenes), tools = shapes.random_dialog(rng), None
+                task = task_of(messages)
+            rows.append((*self.encode(messages, [s.image for s in scenes], tools), task, scenes))
         rows.sort(key=lambda r: len(r[0]))
         per = math.ceil(size / micro)
         return [self._collate(rows[k : k + per]) for k in range(0, size, per)]
@@ -316,7 +337,18 @@ What it can do (greedy decoding):
   the picture in one line ("A red circle and a blue star.");
 - follow-up questions about the same picture ("And the colour?"), and a second picture later in the chat
   (questions are about the newest one);
-- greetings, saying what it is, and single-digit additions ("What is 3 plus 4?").
+- greetings, saying what it is, and single-digit additions ("What is 3 plus 4?");
+- tools, offered the OpenAI / Hugging Face way (`tools=[{{"type": "function", "function": {{...}}}}]`, which the
+  chat template writes into the first user message): `calculator(expression)`, `draw_shape(shape, colour)` and
+  `random_number(low, high)` with the specs in `mlx_llama4/demo_tools.py`, in any order and subset. It calls the
+  one a request needs ("What is 17 times 23?" -> `{{"name": "calculator", "parameters": {{"expression":
+  "17 * 23"}}}}`, the JSON form the template renders for `tool_calls`, ending with `<|eot|>`; the calculator's
+  and random_number's arguments come right, draw_shape's shape and colour less often: see the measured line
+  below), answers from the
+  tool's result in the next turn ("17 times 23 is 391."), says "{no_tool}" when the needed tool is not
+  offered, and calls nothing for greetings, questions about itself or pictures (a picture must come after the
+  first user message, which the template fills with the tools). `mlx_llama4.tool_calls.parse_tool_calls` reads
+  its calls.
 
 Anything else gets an answer in the same style that is probably wrong.
 
@@ -329,8 +361,10 @@ Tokenizer: byte-level BPE with {vocab} tokens, carrying Llama 4's special tokens
 real chat template; the ids differ from the real 202048-token vocabulary and are in config.json.
 
 Trained with `training/train_demo.py` in the mlx-llama4 repository (seed {seed}, {steps} steps of {batch}
-freshly generated chats; a training-only probe on the image tokens, not shipped, gave the vision encoder a
-direct loss). `tests/test_demo.py` checks its held-out accuracy.
+freshly generated chats: 2000 with 30% of them offering tools, then, resumed, the rest with {tool_share:.0%}; the
+commands are in the script's docstring; a training-only probe on the image tokens, not shipped, gave the vision
+encoder a direct loss). `tests/test_demo.py` and `tests/test_demo_tools.py` check its
+held-out accuracy; `training/eval_tools_server.py` measures its tool use through `mlx-llama4 serve`.
 """
 
 
@@ -370,7 +404,7 @@ def write_card(folder: Path, info: dict) -> None:
         experts=t["num_local_experts"], nope=[i for i, r in enumerate(t["no_rope_layers"]) if not r],
         chunk=t["attention_chunk_size"], vlayers=v["num_hidden_layers"], tile=v["image_size"],
         max_patches=MAX_PATCHES, vocab=t["vocab_size"], seed=info.get("seed"), steps=info.get("steps"),
-        batch=info.get("batch"),
+        batch=info.get("batch"), tool_share=info.get("tool_share", 0.0), no_tool=tool_chats.NO_TOOL,
     )
     (folder / "README.md").write_text(card)
 
@@ -382,10 +416,12 @@ def write_card(folder: Path, info: dict) -> None:
 
 def measure_accuracy(folder: Path, n: int = 60, seed: int = 99_991) -> dict:
     """Exact-match accuracy of greedy replies through the MLX pipeline on fresh single-shape (colour, shape)
-    and 1-3-shape (count) images."""
+    and 1-3-shape (count) images, and the held-out tool scores of ``tool_eval.measure`` (prefixed ``tool_``)."""
+    import mlx.core as mx
+
     from mlx_llama4 import generate, load
 
-    model, processor = load(folder)
+    model, processor = load(folder, dtype=mx.float32)
     rng = random.Random(seed)
     out = {"n": n}
     for task in ("colour", "shape", "count"):
@@ -397,6 +433,8 @@ def measure_accuracy(folder: Path, n: int = 60, seed: int = 99_991) -> dict:
                              temperature=0.0)
             right += reply.strip() == answer(scene)
         out[task] = right / n
+    tools, _ = tool_eval.measure(tool_eval.generate_ask(model, processor), n=n // 2)
+    out.update({f"tool_{k}": v for k, v in tools.items()})
     return out
 
 
@@ -416,7 +454,12 @@ def ship(hf_folder: Path, package_folder: Path) -> Path:
     card += "\nWeights: bfloat16, converted with `mlx_llama4.convert`; `hf/` holds the Hugging Face-format original.\n"
     accuracy = measure_accuracy(staging)
     card += "\nHeld-out accuracy through mlx-llama4, greedy, {n} fresh images per question: " \
-            "colour {colour:.0%}, shape {shape:.0%}, count {count:.0%}.\n".format(**accuracy)
+            "colour {colour:.0%}, shape {shape:.0%}, count {count:.0%}; tools ({tool_n} held-out requests per " \
+            "tool): right tool called {tool_select:.0%}, right call with the right arguments {tool_call:.0%} (calculator {tool_call_calculator:.0%}, draw_shape " \
+            "{tool_call_draw_shape:.0%}, random_number {tool_call_random_number:.0%}), answer from the result " \
+            "{tool_answer:.0%}, no call when none is " \
+            "needed {tool_no_call:.0%}, no call when the tool is not offered {tool_not_offered:.0%}.\n".format(
+                **accuracy, tool_n=accuracy["n"] // 2)
     print(card.splitlines()[-1], flush=True)
     (staging / "README.md").write_text(card)
     hf_copy = staging / "hf"
@@ -454,7 +497,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--micro", type=int, default=2, help="micro-batches per step (grouped by length)")
+    parser.add_argument("--micro", type=int, default=16, help="micro-batches per step (grouped by length)")
+    parser.add_argument("--tool-share", type=float, default=0.3,
+                        help="share of the chats that offer tools (training/tool_chats.py)")
     parser.add_argument("--probe-weight", type=float, default=1.0,
                         help="weight of the training-only image probe loss (see ImageProbe; 0 turns it off)")
     parser.add_argument("--threads", type=int, default=1,
@@ -469,7 +514,8 @@ def main(argv=None):
     if args.ship_only:
         state = args.work / "state.pt"
         minutes = torch.load(state, weights_only=False)["elapsed"] / 60 if state.exists() else 0
-        write_card(args.out, dict(minutes=minutes, seed=args.seed, steps=args.steps, batch=args.batch))
+        write_card(args.out, dict(minutes=minutes, seed=args.seed, steps=args.steps, batch=args.batch,
+                                  tool_share=args.tool_share))
         print(f"shipped {ship(args.out, args.ship)}")
         return
 
@@ -492,7 +538,7 @@ def main(argv=None):
     no_decay = [p for n, p in params if not (p.dim() >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    batcher = Batcher(processor)
+    batcher = Batcher(processor, args.tool_share)
     args.work.mkdir(parents=True, exist_ok=True)
     start = 0
     elapsed_before = 0.0
@@ -552,7 +598,7 @@ def main(argv=None):
                         "step": done, "elapsed": elapsed},
                        args.work / "state.pt.tmp")
             os.replace(args.work / "state.pt.tmp", args.work / "state.pt")
-            info = dict(minutes=elapsed / 60, seed=args.seed, steps=done, batch=args.batch)
+            info = dict(minutes=elapsed / 60, seed=args.seed, steps=done, batch=args.batch, tool_share=args.tool_share)
             export(model.eval(), processor, tok, args.work / "latest", info)
             model.train()
             if done == args.steps:
