@@ -58,7 +58,7 @@ def note(title: str, text: str = "", status: Optional[str] = None) -> dict:
 def tool_messages(use: ToolUse) -> list[dict]:
     """How a tool call shows in the chat: a note with its arguments and result, and the picture it drew."""
     arguments = ", ".join(f"{k}={json.dumps(v)}" for k, v in use.arguments.items())
-    title = f"🛠️ Used {use.name}" + (" (it failed)" if use.failed else "")
+    title = f"⚙ Used {use.name}" + (" (it failed)" if use.failed else "")
     shown = [note(title, f"`{use.name}({arguments})`\n\n→ {use.result}", status="done")]
     return shown + ([{"role": "assistant", "content": {"path": use.image}}] if use.image else [])
 

@@ -166,7 +166,7 @@ def test_a_tool_call_runs_and_the_model_answers_from_its_result(scripted, app_mo
 
     final = frames[-1]
     used, reply, stats = final[len(asked):]
-    assert used["metadata"]["title"] == "🛠️ Used calculator"
+    assert used["metadata"]["title"] == "⚙ Used calculator"
     assert 'calculator(expression="17 * 23")' in used["content"] and "→ 391" in used["content"]
     assert reply == {"role": "assistant", "content": "17 times 23 is 391."}
     assert "first token" in stats["metadata"]["title"]
@@ -183,7 +183,7 @@ def test_a_tool_error_goes_back_to_the_model_and_shows(scripted):
     frames, asked = _ask(app, "What is 2 plus?", ["calculator"])
     assert engine.requests[1]["messages"][-1]["content"] == "error: '2 +' is not an arithmetic expression"
     used = frames[-1][len(asked)]
-    assert used["metadata"]["title"] == "🛠️ Used calculator (it failed)" and "not an arithmetic" in used["content"]
+    assert used["metadata"]["title"] == "⚙ Used calculator (it failed)" and "not an arithmetic" in used["content"]
 
 
 def test_a_drawing_shows_in_the_chat(scripted, tmp_path):
@@ -203,7 +203,7 @@ def test_tool_rounds_are_bounded(scripted):
     frames, asked = _ask(app, "What is 17 times 23?", ["calculator"])
     assert len(engine.requests) == chat.MAX_TOOL_ROUNDS + 1
     notes = [m["metadata"]["title"] for m in frames[-1][len(asked):] if m.get("metadata")]
-    assert notes == ["🛠️ Used calculator"] * chat.MAX_TOOL_ROUNDS + [handlers.STOPPED]
+    assert notes == ["⚙ Used calculator"] * chat.MAX_TOOL_ROUNDS + [handlers.STOPPED]
 
 
 def test_without_tools_nothing_is_offered_or_parsed(scripted):
