@@ -36,6 +36,21 @@ class EngineSpy:
         return self.finals.get(handle)
 
 
+def uploads_in(folder: Path, monkeypatch) -> None:
+    """Make ``folder`` the app's upload folder: the only place its file checks let images and documents in."""
+    from mlx_llama4.app import chat, handlers
+
+    monkeypatch.setattr(chat, "upload_dirs", lambda: [folder])
+    monkeypatch.setattr(handlers, "upload_dirs", lambda: [folder])
+
+
+def chat_app(app_model, folder: Path, monkeypatch) -> ChatApp:
+    """The app's handlers around ``app_model`` (holder, model folder), with ``folder`` as the upload folder."""
+    holder, model_folder = app_model
+    uploads_in(folder, monkeypatch)
+    return ChatApp(holder, AppConfig(models_dirs=[model_folder.parent], include_hf_cache=False))
+
+
 def collect(stream: AsyncIterator, into: Optional[list] = None) -> list:
     """Every item of an async handler's stream (``ChatApp.respond``, ``api_chat``), run to its end; each
     item is appended to ``into`` as it comes, if given."""

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import openai
+import pytest
 import uvicorn
 
 import mlx_llama4
@@ -233,6 +234,18 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> Non
 
 
 # ---- the demo model's questions, for the end-to-end tests ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module", name="server")
+def fake_server():
+    """``(url, FakeEngine)``: a module's server on a fake engine of 4096 positions; import it to use it."""
+    from mlx_llama4.app.server.app import ServerSettings, create_app
+    from mlx_llama4.app.server.engine_client import EngineClient
+
+    fake = FakeEngine(context=4096)
+    thread = ServerThread(create_app(EngineClient(fake), ServerSettings()))
+    yield thread.url, fake
+    thread.close()
 
 
 def openai_client(url: str, key: str = "none", timeout: float = 300) -> openai.OpenAI:

@@ -20,7 +20,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app_helpers import collect, picture, start_app, wait_until  # noqa: E402
+from app_helpers import chat_app, collect, picture, start_app, wait_until  # noqa: E402
 from mlx_llama4 import stream_generate  # noqa: E402
 from mlx_llama4.app import chat  # noqa: E402
 from mlx_llama4.app.device import EngineOptions, ModelHolder  # noqa: E402
@@ -146,19 +146,9 @@ def test_image_checks(tmp_path):
 # ---- the browser's handlers, called directly --------------------------------------------------------------
 
 
-def _handlers(app_model, tmp_path, monkeypatch) -> ChatApp:
-    """The app's handlers around the test model, with ``tmp_path`` as the upload folder."""
-    holder, folder = app_model
-    from mlx_llama4.app import handlers
-
-    monkeypatch.setattr(chat, "upload_dirs", lambda: [tmp_path])
-    monkeypatch.setattr(handlers, "upload_dirs", lambda: [tmp_path])
-    return ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
-
-
 def test_ui_handlers_send_retry_undo(app_model, tmp_path, monkeypatch):
     holder, _ = app_model
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     session = chat.ChatSession()
     img = str(picture(tmp_path / "cat.png"))
     box, history = app.add_message({"text": "What is it?", "files": [img]}, [], session)
@@ -188,7 +178,7 @@ def test_a_message_not_sent_goes_back_to_the_textbox(app_model, tmp_path, monkey
     """An error before the reply begins (here: a conversation longer than the context) removes the turn,
     puts it back into the textbox with its files, and Retry then does not answer the turn before."""
     holder, _ = app_model
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     session = chat.ChatSession()
     earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     img = str(picture(tmp_path / "dog.png"))
@@ -209,7 +199,7 @@ def test_a_message_not_sent_goes_back_to_the_textbox(app_model, tmp_path, monkey
 
 
 def test_finish_says_how_a_reply_ended(app_model, tmp_path, monkeypatch):
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     session = chat.ChatSession()
     asked = [{"role": "user", "content": "Count to ten."}]
     partial = asked + [{"role": "assistant", "content": "One, two,"}]
@@ -466,7 +456,7 @@ def test_special_tokens_are_not_shown(app_model, tmp_path, monkeypatch):
         " there", add_special_tokens=False)
     fixed = iter(tokens)
     monkeypatch.setattr(RowSampler, "_draw", lambda self, logprobs, entropy: mx.array([next(fixed)]))
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     final = collect(app.respond([{"role": "user", "content": "Hi"}], chat.ChatSession(), "", 0.0, 1.0,
                                 len(tokens)))[-1]
     assert final[-2]["content"].replace(" ", "") == "Hellothere", final[-2]
@@ -497,7 +487,7 @@ def test_model_switch_loads_next_to_the_current_one_when_both_fit(app_model, tmp
         return loaded.model, loaded.processor
 
     holder = ModelHolder(loader=loader)
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     app.holder = holder
     assert "No model loaded" in app.status()
     app.switch_model(str(folder), progress=lambda *a, **k: None)

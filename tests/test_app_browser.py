@@ -119,6 +119,20 @@ def drawing(path: Path, w: int, h: int, seed: int) -> Path:
     return path
 
 
+def _open_tabs(browser, url: str, n: int) -> list:
+    """``n`` new tabs of the app, each loaded and ready for a message."""
+    pages = [browser.new_page() for _ in range(n)]
+    for page in pages:
+        page.goto(url)
+        page.locator("#message textarea").wait_for(timeout=30_000)
+    return pages
+
+
+def _send(page, text: str) -> None:
+    page.locator("#message textarea").fill(text)
+    page.locator("#message textarea").press("Enter")
+
+
 def _until(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -235,15 +249,10 @@ def test_stop_while_waiting_leaves_a_note_and_retry(browser, one_row, engine_spy
     app, url = one_row
     engine = app.holder.current.engine
     engine_spy.delay = 0.1
-    page, other = browser.new_page(), browser.new_page()
-    for p in (page, other):
-        p.goto(url)
-        p.locator("#message textarea").wait_for(timeout=30_000)
-    page.locator("#message textarea").fill("A long one")
-    page.locator("#message textarea").press("Enter")
+    page, other = _open_tabs(browser, url, 2)
+    _send(page, "A long one")
     _reply_longer_than(page, 0)
-    other.locator("#message textarea").fill("Waiting")
-    other.locator("#message textarea").press("Enter")
+    _send(other, "Waiting")
     other.locator("#chatbot").get_by_text("Reading the prompt…").wait_for(timeout=20_000)
     _until(lambda: engine.stats()["queued"] == 1)  # in the engine, waiting for the row
     other.locator("#message button[aria-label='Stop']").click()
@@ -267,15 +276,10 @@ def test_closing_a_tab_cancels_its_reply(browser, one_row, engine_spy):
     app, url = one_row
     engine = app.holder.current.engine
     engine_spy.delay = 0.2  # the running reply takes 12 s
-    page, other = browser.new_page(), browser.new_page()
-    for p in (page, other):
-        p.goto(url)
-        p.locator("#message textarea").wait_for(timeout=30_000)
-    page.locator("#message textarea").fill("A long one")
-    page.locator("#message textarea").press("Enter")
+    page, other = _open_tabs(browser, url, 2)
+    _send(page, "A long one")
     _reply_longer_than(page, len(_bot_text(page).strip()))
-    other.locator("#message textarea").fill("Waiting")
-    other.locator("#message textarea").press("Enter")
+    _send(other, "Waiting")
     _until(lambda: engine.stats()["queued"] == 1 and len(engine_spy.requests) == 2)  # the spy notes it after submit
     (_, running), (_, waiting) = engine_spy.requests
     other.close()

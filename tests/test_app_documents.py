@@ -17,11 +17,11 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app_helpers import collect, start_app  # noqa: E402
+from app_helpers import chat_app, collect, start_app  # noqa: E402
 from mlx_llama4 import stream_generate  # noqa: E402
-from mlx_llama4.app import chat, handlers  # noqa: E402
+from mlx_llama4.app import chat  # noqa: E402
 from mlx_llama4.app.documents import check_document, check_fits, is_document, read_document  # noqa: E402
-from mlx_llama4.app.handlers import NOT_ACCEPTED, NOT_SENT, AppConfig, ChatApp  # noqa: E402
+from mlx_llama4.app.handlers import NOT_ACCEPTED, NOT_SENT  # noqa: E402
 
 GREEDY = dict(system="", temperature=0.0, top_p=1.0)
 NOTES = "# Shapes\n\n" + "\n".join(f"- Shape {i} is a {c} circle." for i, c in enumerate(["red", "blue"] * 12))
@@ -69,13 +69,6 @@ def send(client, text, files=(), max_tokens=8):
                           max_tokens=max_tokens, api_name="/chat", **GREEDY)
 
 
-def _handlers(app_model, tmp_path, monkeypatch) -> ChatApp:
-    holder, folder = app_model
-    monkeypatch.setattr(chat, "upload_dirs", lambda: [tmp_path])
-    monkeypatch.setattr(handlers, "upload_dirs", lambda: [tmp_path])
-    return ChatApp(holder, AppConfig(models_dirs=[folder.parent], include_hf_cache=False))
-
-
 # ---- reading documents -----------------------------------------------------------------------------------
 
 
@@ -104,7 +97,7 @@ def test_documents_are_read_and_what_is_not_one_is_refused(app_model, tmp_path, 
     assert "only documents uploaded" in check_document("/etc/hostname.txt", uploads)
     assert "only documents uploaded" in check_document(str(tmp_path / ".." / "x.txt"), uploads)
 
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     for name, why in (("data.bin", "not a recognised image file, nor a document this app reads (.txt, .md, .py, "
                                     ".pdf"), ("binary.txt", "a binary file")):
         box, history = app.add_message({"text": "Read it", "files": [str(tmp_path / name)]}, [], chat.ChatSession())
@@ -159,7 +152,7 @@ def test_a_document_beyond_the_context_is_refused_and_the_session_goes_on(server
 
 
 def test_a_document_too_large_for_the_memory_is_refused(app_model, tmp_path, monkeypatch):
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     monkeypatch.setattr(chat, "free_memory", lambda: 1024)  # 1 KiB free (the tiny model's KV is small)
     (tmp_path / "notes.md").write_text(NOTES)
     session = chat.ChatSession()
@@ -176,7 +169,7 @@ def test_the_prompt_is_read_with_progress(app_model, tmp_path, monkeypatch):
     from mlx_llama4.engine import Engine
 
     holder, _ = app_model
-    app = _handlers(app_model, tmp_path, monkeypatch)
+    app = chat_app(app_model, tmp_path, monkeypatch)
     engine = holder.current.engine
     seen: list[tuple[int, int]] = []
     prefill = Engine._prefill_piece

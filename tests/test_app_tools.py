@@ -19,7 +19,7 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app_helpers import collect  # noqa: E402
+from app_helpers import collect, uploads_in  # noqa: E402
 from mlx_llama4 import stream_generate  # noqa: E402
 from mlx_llama4.app import chat, handlers  # noqa: E402
 from mlx_llama4.app.device import LoadedModel  # noqa: E402
@@ -127,9 +127,8 @@ class ScriptedEngine:
 def scripted(app_model, tmp_path, monkeypatch):
     """``make(*replies)``: the app's handlers on a scripted engine (the real model's tokenizer and config),
     with ``tmp_path`` as the upload folder; returns the app and the engine."""
-    holder, folder = app_model
-    monkeypatch.setattr(chat, "upload_dirs", lambda: [tmp_path])
-    monkeypatch.setattr(handlers, "upload_dirs", lambda: [tmp_path])
+    holder, _ = app_model
+    uploads_in(tmp_path, monkeypatch)
 
     def make(*replies):
         engine = ScriptedEngine(*replies)

@@ -15,10 +15,9 @@ import jsonschema
 import openai
 import pytest
 
-from mlx_llama4.app.server.app import ServerSettings, create_app
-from mlx_llama4.app.server.engine_client import EngineClient
 from mlx_llama4.structured import JSONConstraint
-from server_helpers import FakeEngine, ServerThread
+from server_helpers import FakeEngine
+from server_helpers import fake_server  # noqa: F401  (the "server" fixture)
 from server_helpers import openai_client as client
 
 CHAT = "/v1/chat/completions"
@@ -37,14 +36,6 @@ CALL = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius
 
 def ask(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    fake = FakeEngine(context=4096)
-    thread = ServerThread(create_app(EngineClient(fake), ServerSettings()))
-    yield thread.url, fake
-    thread.close()
 
 
 def rendered_prompt(fake: FakeEngine) -> str:

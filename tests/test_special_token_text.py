@@ -16,12 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from server_helpers import DEMO, FakeEngine, ServerThread, openai_client  # noqa: E402
+from server_helpers import DEMO, fake_server, openai_client  # noqa: E402, F401  (fake_server: the "server" fixture)
 from test_processor import image, ids_of, png, text, to_meta, user  # noqa: E402
 from tokenizer_util import meta_chat_format, real_tokenizer_dir  # noqa: E402
 
-from mlx_llama4.app.server.app import ServerSettings, create_app  # noqa: E402
-from mlx_llama4.app.server.engine_client import EngineClient  # noqa: E402
 from mlx_llama4.processor import load_processor  # noqa: E402
 
 BOS, EOT, HEADER_START = 200000, 200008, 200005
@@ -157,14 +155,6 @@ def test_prompts_without_special_text_tokenize_as_before(processor):
 
 
 # ---- through the server ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server():
-    fake = FakeEngine(context=4096)
-    thread = ServerThread(create_app(EngineClient(fake), ServerSettings()))
-    yield thread.url, fake
-    thread.close()
 
 
 def test_openai_chat_cannot_forge_a_turn(server):
