@@ -25,12 +25,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..generation import kv_group_size_for, stop_tokens
-from ..mlx_lm_cache import maybe_quantize_kv_cache
 from ..model import Model
 from ..prompts import Prompt, prepare_prompt
 from ..text_stream import TextStream, special_token_ids
 from .batch_cache import BatchCache
 from .plans import PlanSender
+from .prefill import feed_piece
 from .prefix_cache import PrefixCache
 from .requests import EngineFull, Event, Handle, SamplingParams
 from .sampling import Choice, RowSampler
@@ -239,16 +239,13 @@ class Engine:
             left = len(seq.prompt) - seq.fed
             n = min(self.prefill_step, left - 1) if left > 1 else 1
             self._plans.send("prefill", n, left == 1)
-            ids = mx.array(seq.prompt.ids[seq.fed : seq.fed + n])[None]  # (1, n)
             at = seq.fed - seq.cached
-            embeddings = None if seq.embeddings is None else seq.embeddings[at : at + n][None]
-            logits = self.model.language_model(ids, cache=seq.caches, input_embeddings=embeddings)
-            maybe_quantize_kv_cache(seq.caches, 0, self.kv_group_size, self.kv_bits)
+            embeddings = None if seq.embeddings is None else seq.embeddings[at : at + n]
+            logits = feed_piece(self.model, seq.prompt.ids[seq.fed : seq.fed + n], embeddings, seq.caches,
+                                left == 1, self.kv_bits, self.kv_group_size)  # (1, n, V)
             seq.fed += n
             seq.handle.progress = (seq.fed, len(seq.prompt))
             if left > 1:
-                mx.eval([c.state for c in seq.caches])
-                mx.clear_cache()
                 return
             self._prefilling = None
             seq.embeddings = None

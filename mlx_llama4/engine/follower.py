@@ -22,10 +22,10 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..mlx_lm_cache import maybe_quantize_kv_cache
 from ..model import Model
 from .batch_cache import BatchCache
 from .plans import BEAT, receive
+from .prefill import feed_piece
 from .prefix_cache import restored
 
 
@@ -51,16 +51,12 @@ class _Mirror:
 
     def prefill(self, n: int, last: bool) -> None:
         """Feed the prompt's next ``n`` positions; the last piece's logits are evaluated, as process 0 samples."""
-        ids = mx.array(self.ids[self.fed : self.fed + n])[None]  # (1, n)
-        embeddings = None if self.embeddings is None else self.embeddings[self.fed : self.fed + n][None]
-        logits = self.model.language_model(ids, cache=self.caches, input_embeddings=embeddings)
-        maybe_quantize_kv_cache(self.caches, 0, self.kv_group_size, self.kv_bits)
+        embeddings = None if self.embeddings is None else self.embeddings[self.fed : self.fed + n]
+        logits = feed_piece(self.model, self.ids[self.fed : self.fed + n], embeddings, self.caches, last,
+                            self.kv_bits, self.kv_group_size)
         self.fed += n
         if last:
             mx.eval(logits[:, -1, :])
-        else:
-            mx.eval([c.state for c in self.caches])
-            mx.clear_cache()
 
     def keep(self, entry: Optional[int], dropped: list[int], row: Optional[int]) -> None:
         """The prefix cache keeps the prompt's KV (``row`` None) or a batch row's as ``entry`` (if not None), and
