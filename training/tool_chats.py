@@ -176,13 +176,19 @@ def offered_tools(names) -> list[dict]:
     return [TOOLS[name] for name in names]
 
 
-def random_dialog(rng: random.Random) -> tuple[list[dict], list, Optional[list[dict]], str]:
-    """(messages, scenes of their images, tools offered or None, kind of the first request) for one training chat.
+FIRST_MIX = {"calculator": 3, "draw_shape": 2, "random_number": 2, "chat": 1}  # weights of a chat's first request
+
+
+def random_dialog(rng: random.Random, first_mix: Optional[dict] = None
+                  ) -> tuple[list[dict], list, Optional[list[dict]], str]:
+    """(messages, scenes of their images, tools offered or None, kind of the first request) for one training chat;
+    ``first_mix``: weights of the first request's kind (default ``FIRST_MIX``).
 
     The first user message carries the tools (the template's default), so it is text: the template would write
     an image part there as text (a limitation of the real template). Later turns may show a picture.
     """
-    first = rng.choices(TOOL_NAMES + ("chat",), (3, 2, 2, 1))[0]
+    mix = first_mix or FIRST_MIX
+    first = rng.choices(list(mix), list(mix.values()))[0]
     others = [n for n in TOOL_NAMES if n != first]
     if first != "chat" and rng.random() < 0.2:  # the tool it needs is not among those offered
         names = rng.sample(others, rng.randint(0, len(others)))

@@ -1,11 +1,13 @@
 """Train the bundled demo model: a tiny Llama 4 that talks about pictures of simple shapes and calls tools.
 
     # the shipped model: 2000 steps (30% of the chats offering tools), then 1000 more (half of them with tools;
-    # the learning rate warms up again and decays), then the HF-format folder converted into the package
-    # (about 100 minutes on 2 shared CPU cores in all)
+    # the learning rate warms up again and decays), then 1000 more with draw_shape requests weighted up (their
+    # arguments were right 60% of the time at step 3000) at a lower peak rate, then the HF-format folder
+    # converted into the package (about 135 minutes on 2 shared CPU cores in all)
     OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf
-    OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf --resume --steps 3000 \
-        --tool-share 0.5 --ship mlx_llama4/demo
+    OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf --resume --steps 3000 --tool-share 0.5
+    OMP_WAIT_POLICY=PASSIVE python training/train_demo.py --out /tmp/demo_hf --resume --steps 4000 --lr 1e-3 \
+        --tool-share 0.5 --first-mix calculator=2,draw_shape=5,random_number=1,chat=1 --ship mlx_llama4/demo
     python training/train_demo.py --steps 60 --out /tmp/smoke  # a smoke run
 
 The model is transformers' ``Llama4ForConditionalGeneration`` in PyTorch (CPU, float32) with every structural
@@ -34,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -183,9 +186,10 @@ def build_model(tok, seed: int):
 class Batcher:
     """Encodes dialogs with the serving processor and masks everything but the assistant replies it trains."""
 
-    def __init__(self, processor, tool_share: float = 0.0):
+    def __init__(self, processor, tool_share: float = 0.0, first_mix: Optional[dict] = None):
         self.processor = processor
         self.tool_share = tool_share
+        self.first_mix = first_mix
         self.header = processor.encode("<|header_start|>assistant<|header_end|>\n\n")
         self.eot = processor.token_id("<|eot|>")
         self.pad = processor.token_id("<|finetune_right_pad|>")
@@ -219,7 +223,7 @@ class Batcher:
         rows = []
         for _ in range(size):
             if rng.random() < self.tool_share:
-                messages, scenes, tools, task = tool_chats.random_dialog(rng)
+                messages, scenes, tools, task = tool_chats.random_dialog(rng, self.first_mix)
                 task = f"tool:{task}"
             else:
                 (messages, scenes), tools = shapes.random_dialog(rng), None
@@ -342,13 +346,11 @@ What it can do (greedy decoding):
   chat template writes into the first user message): `calculator(expression)`, `draw_shape(shape, colour)` and
   `random_number(low, high)` with the specs in `mlx_llama4/demo_tools.py`, in any order and subset. It calls the
   one a request needs ("What is 17 times 23?" -> `{{"name": "calculator", "parameters": {{"expression":
-  "17 * 23"}}}}`, the JSON form the template renders for `tool_calls`, ending with `<|eot|>`; the calculator's
-  and random_number's arguments come right, draw_shape's shape and colour less often: see the measured line
-  below), answers from the
-  tool's result in the next turn ("17 times 23 is 391."), says "{no_tool}" when the needed tool is not
-  offered, and calls nothing for greetings, questions about itself or pictures (a picture must come after the
-  first user message, which the template fills with the tools). `mlx_llama4.tool_calls.parse_tool_calls` reads
-  its calls.
+  "17 * 23"}}}}`, the JSON form the template renders for `tool_calls`, ending with `<|eot|>`), with the arguments
+  taken from the request, answers from the tool's result in the next turn ("17 times 23 is 391."), says
+  "{no_tool}" when the needed tool is not offered, and calls nothing for greetings, questions about
+  itself or pictures (a picture must come after the first user message, which the template fills with the
+  tools). `mlx_llama4.tool_calls.parse_tool_calls` reads its calls.
 
 Anything else gets an answer in the same style that is probably wrong.
 
@@ -361,9 +363,9 @@ Tokenizer: byte-level BPE with {vocab} tokens, carrying Llama 4's special tokens
 real chat template; the ids differ from the real 202048-token vocabulary and are in config.json.
 
 Trained with `training/train_demo.py` in the mlx-llama4 repository (seed {seed}, {steps} steps of {batch}
-freshly generated chats: 2000 with 30% of them offering tools, then, resumed, the rest with {tool_share:.0%}; the
-commands are in the script's docstring; a training-only probe on the image tokens, not shipped, gave the vision
-encoder a direct loss). `tests/test_demo.py` and `tests/test_demo_tools.py` check its
+freshly generated chats: 2000 with 30% of them offering tools, then, resumed, 1000 with 50%, then 1000 with 50%
+and more of them asking for drawings; the commands are in the script's docstring; a training-only probe on the
+image tokens, not shipped, gave the vision encoder a direct loss). `tests/test_demo.py` and `tests/test_demo_tools.py` check its
 held-out accuracy; `training/eval_tools_server.py` measures its tool use through `mlx-llama4 serve`.
 """
 
@@ -404,7 +406,7 @@ def write_card(folder: Path, info: dict) -> None:
         experts=t["num_local_experts"], nope=[i for i, r in enumerate(t["no_rope_layers"]) if not r],
         chunk=t["attention_chunk_size"], vlayers=v["num_hidden_layers"], tile=v["image_size"],
         max_patches=MAX_PATCHES, vocab=t["vocab_size"], seed=info.get("seed"), steps=info.get("steps"),
-        batch=info.get("batch"), tool_share=info.get("tool_share", 0.0), no_tool=tool_chats.NO_TOOL,
+        batch=info.get("batch"), no_tool=tool_chats.NO_TOOL,
     )
     (folder / "README.md").write_text(card)
 
@@ -488,6 +490,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int, decay_fraction: float
     return peak * (1.0 - 0.9 * (step - decay_start) / max(1, total - decay_start))
 
 
+def _mix(text: str) -> dict:
+    """``calculator=2,draw_shape=4`` -> {"calculator": 2.0, "draw_shape": 4.0}, kinds checked."""
+    mix = {}
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        if kind not in tool_chats.FIRST_MIX:
+            raise argparse.ArgumentTypeError(f"unknown kind {kind!r} (one of {', '.join(tool_chats.FIRST_MIX)})")
+        mix[kind] = float(weight)
+    return mix
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="HF-format checkpoint folder to write")
@@ -500,6 +513,9 @@ def main(argv=None):
     parser.add_argument("--micro", type=int, default=16, help="micro-batches per step (grouped by length)")
     parser.add_argument("--tool-share", type=float, default=0.3,
                         help="share of the chats that offer tools (training/tool_chats.py)")
+    parser.add_argument("--first-mix", type=_mix, default=None, metavar="KIND=W,...",
+                        help="weights of a tool chat's first request, e.g. calculator=2,draw_shape=4,random_number=1,"
+                             "chat=1 (default: tool_chats.FIRST_MIX)")
     parser.add_argument("--probe-weight", type=float, default=1.0,
                         help="weight of the training-only image probe loss (see ImageProbe; 0 turns it off)")
     parser.add_argument("--threads", type=int, default=1,
@@ -538,7 +554,7 @@ def main(argv=None):
     no_decay = [p for n, p in params if not (p.dim() >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    batcher = Batcher(processor, args.tool_share)
+    batcher = Batcher(processor, args.tool_share, args.first_mix)
     args.work.mkdir(parents=True, exist_ok=True)
     start = 0
     elapsed_before = 0.0
