@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import shapes  # noqa: E402
+import passkey  # noqa: E402
 import tokenizer as demo_tokenizer  # noqa: E402
 import tool_chats  # noqa: E402
 import tool_eval  # noqa: E402
@@ -186,10 +187,12 @@ def build_model(tok, seed: int):
 class Batcher:
     """Encodes dialogs with the serving processor and masks everything but the assistant replies it trains."""
 
-    def __init__(self, processor, tool_share: float = 0.0, first_mix: Optional[dict] = None):
+    def __init__(self, processor, tool_share: float = 0.0, first_mix: Optional[dict] = None,
+                 passkey_share: float = 0.0):
         self.processor = processor
         self.tool_share = tool_share
         self.first_mix = first_mix
+        self.passkey_share = passkey_share
         self.header = processor.encode("<|header_start|>assistant<|header_end|>\n\n")
         self.eot = processor.token_id("<|eot|>")
         self.pad = processor.token_id("<|finetune_right_pad|>")
@@ -222,7 +225,10 @@ class Batcher:
         """``micro`` MicroBatches, rows grouped by length to cut padding."""
         rows = []
         for _ in range(size):
-            if rng.random() < self.tool_share:
+            roll = rng.random()
+            if roll < self.passkey_share:
+                messages, scenes, tools, task = passkey.training_chat(rng, self._count), [], None, "passkey"
+            elif roll < self.passkey_share + self.tool_share:
                 messages, scenes, tools, task = tool_chats.random_dialog(rng, self.first_mix)
                 task = f"tool:{task}"
             else:
@@ -232,6 +238,9 @@ class Batcher:
         rows.sort(key=lambda r: len(r[0]))
         per = math.ceil(size / micro)
         return [self._collate(rows[k : k + per]) for k in range(0, size, per)]
+
+    def _count(self, text: str) -> int:
+        return len(self.processor.tokenizer.encode(text, add_special_tokens=False))
 
     def _collate(self, rows) -> MicroBatch:
         length = max(len(r[0]) for r in rows)
@@ -516,6 +525,9 @@ def main(argv=None):
     parser.add_argument("--first-mix", type=_mix, default=None, metavar="KIND=W,...",
                         help="weights of a tool chat's first request, e.g. calculator=2,draw_shape=4,random_number=1,"
                              "chat=1 (default: tool_chats.FIRST_MIX)")
+    parser.add_argument("--passkey-share", type=float, default=0.0,
+                        help="share of the chats that are passkey retrieval (training/passkey.py; not in the shipped "
+                             "model)")
     parser.add_argument("--probe-weight", type=float, default=1.0,
                         help="weight of the training-only image probe loss (see ImageProbe; 0 turns it off)")
     parser.add_argument("--threads", type=int, default=1,
@@ -554,7 +566,7 @@ def main(argv=None):
     no_decay = [p for n, p in params if not (p.dim() >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    batcher = Batcher(processor, args.tool_share, args.first_mix)
+    batcher = Batcher(processor, args.tool_share, args.first_mix, args.passkey_share)
     args.work.mkdir(parents=True, exist_ok=True)
     start = 0
     elapsed_before = 0.0
