@@ -46,8 +46,8 @@ from mlx_llama4.images import tile_count
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import shapes  # noqa: E402
 import passkey  # noqa: E402
+import shapes  # noqa: E402
 import tokenizer as demo_tokenizer  # noqa: E402
 import tool_chats  # noqa: E402
 import tool_eval  # noqa: E402
@@ -374,8 +374,8 @@ real chat template; the ids differ from the real 202048-token vocabulary and are
 Trained with `training/train_demo.py` in the mlx-llama4 repository (seed {seed}, {steps} steps of {batch}
 freshly generated chats: 2000 with 30% of them offering tools, then, resumed, 1000 with 50%, then 1000 with 50%
 and more of them asking for drawings; the commands are in the script's docstring; a training-only probe on the
-image tokens, not shipped, gave the vision encoder a direct loss). `tests/test_demo.py` and `tests/test_demo_tools.py` check its
-held-out accuracy; `training/eval_tools_server.py` measures its tool use through `mlx-llama4 serve`.
+image tokens, not shipped, gave the vision encoder a direct loss). `tests/test_demo.py` and
+`tests/test_demo_tools.py` check its held-out accuracy; `training/eval_tools_server.py` measures its tool use through `mlx-llama4 serve`.
 """
 
 
@@ -506,7 +506,10 @@ def _mix(text: str) -> dict:
         kind, _, weight = part.partition("=")
         if kind not in tool_chats.FIRST_MIX:
             raise argparse.ArgumentTypeError(f"unknown kind {kind!r} (one of {', '.join(tool_chats.FIRST_MIX)})")
-        mix[kind] = float(weight)
+        try:
+            mix[kind] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: write KIND=WEIGHT, e.g. draw_shape=4") from None
     return mix
 
 
