@@ -29,21 +29,25 @@ QUESTION = "What is the pass key?"
 TRAIN_TOKENS = (64, 256)  # haystack lengths (tokens, about) of the training chats
 
 
-def chat(rng: random.Random, tokens: int, count_tokens) -> tuple[list[dict], str]:
-    """(messages without the reply, the reply) for a haystack of about ``tokens`` tokens with the key at a random
-    depth; ``count_tokens(text) -> int`` measures the filler in the model's tokenizer."""
+def count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat(rng: random.Random, tokens: int, tokenizer: Any) -> tuple[list[dict], str]:
+    """(messages without the reply, the reply) for a haystack of about ``tokens`` tokens of ``tokenizer`` with the
+    key at a random depth."""
     key = f"{rng.randint(10_000, 99_999)}"
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    per_filler = count_tokens(FILLER)
-    fillers = max(1, (tokens - count_tokens(needle) - count_tokens(QUESTION)) // per_filler)
+    per_filler = count_tokens(tokenizer, FILLER)
+    fillers = max(1, (tokens - count_tokens(tokenizer, needle) - count_tokens(tokenizer, QUESTION)) // per_filler)
     depth = rng.randint(0, fillers)
     text = FILLER * depth + needle + FILLER * (fillers - depth) + QUESTION
     return [{"role": "user", "content": text}], f"The pass key is {key}."
 
 
-def training_chat(rng: random.Random, count_tokens) -> list[dict]:
+def training_chat(rng: random.Random, tokenizer: Any) -> list[dict]:
     """A training chat: a haystack of ``TRAIN_TOKENS`` tokens and its reply."""
-    messages, reply = chat(rng, rng.randint(*TRAIN_TOKENS), count_tokens)
+    messages, reply = chat(rng, rng.randint(*TRAIN_TOKENS), tokenizer)
     return messages + [{"role": "assistant", "content": reply}]
 
 
@@ -51,15 +55,12 @@ def accuracy(model: Any, processor: Any, lengths: list[int], n: int, seed: int =
     """Exact-match accuracy of greedy replies at each haystack length (tokens, about), ``n`` keys each."""
     from mlx_llama4 import generate
 
-    def count(text: str) -> int:
-        return len(processor.tokenizer.encode(text, add_special_tokens=False))
-
     rng = random.Random(seed)
     out = {}
     for tokens in lengths:
         right = 0
         for _ in range(n):
-            messages, reply = chat(rng, tokens, count)
+            messages, reply = chat(rng, tokens, processor.tokenizer)
             right += generate(model, processor, messages, max_tokens=16, temperature=0.0).strip() == reply
         out[tokens] = right / n
         print(f"{tokens:>6} tokens: {out[tokens]:.0%}", flush=True)

@@ -41,8 +41,7 @@ def _offered(rng: random.Random, needed: str) -> list[str]:
 
 def _openai_call(name: str, arguments: dict, call_id: str = "call_0") -> dict:
     """The assistant message an OpenAI client sends back after a call: arguments as a JSON string."""
-    return {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]}
+    return {**tool_chats.call_message(name, arguments, call_id, as_string=True), "content": None}
 
 
 def _is_call(reply: Reply, name: str, arguments: dict) -> bool:

@@ -227,7 +227,7 @@ class Batcher:
         for _ in range(size):
             roll = rng.random()
             if roll < self.passkey_share:
-                messages, scenes, tools, task = passkey.training_chat(rng, self._count), [], None, "passkey"
+                messages, scenes, tools, task = passkey.training_chat(rng, self.processor.tokenizer), [], None, "passkey"
             elif roll < self.passkey_share + self.tool_share:
                 messages, scenes, tools, task = tool_chats.random_dialog(rng, self.first_mix)
                 task = f"tool:{task}"
@@ -238,9 +238,6 @@ class Batcher:
         rows.sort(key=lambda r: len(r[0]))
         per = math.ceil(size / micro)
         return [self._collate(rows[k : k + per]) for k in range(0, size, per)]
-
-    def _count(self, text: str) -> int:
-        return len(self.processor.tokenizer.encode(text, add_special_tokens=False))
 
     def _collate(self, rows) -> MicroBatch:
         length = max(len(r[0]) for r in rows)
