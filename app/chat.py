@@ -32,7 +32,7 @@ from mlx_llama4.images import ImageError, load_image
 from mlx_llama4.tool_calls import ToolCallParser
 
 from .device import LoadedModel, ModelHolder, free_memory
-from .documents import DOCUMENT_KINDS, check_document, check_fits, count_tokens, document_block
+from .documents import DOCUMENT_KINDS, check_document, check_fits, count_tokens, document_tokens
 from .history import Turn, to_model_messages
 from .tools import ToolUse, run_tool
 from .uploads import is_uploaded, upload_dirs
@@ -196,15 +196,17 @@ def _prepare(loaded: LoadedModel, turns: list[Turn], settings: Settings, allowed
         raise ValueError(TOOLS_NEED_TEXT_FIRST)
     messages = to_model_messages(turns, settings.system)
     tokenizer = loaded.processor.tokenizer
-    texts = [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"] for m in messages]
+    counts = {d: document_tokens(tokenizer, d) for d in documents}
+    texts = [settings.system] + [turn.text for turn in turns]  # the messages' text but for their documents
+    prompt_tokens = sum(counts[d] for d in documents) + count_tokens(tokenizer, "\n".join(t for t in texts if t))
     embed = loaded.model.language_model.model.embed_tokens
-    problem = check_fits(count_tokens(tokenizer, "\n".join(texts)), int(settings.max_tokens), loaded.model.config.text,
+    problem = check_fits(prompt_tokens, int(settings.max_tokens), loaded.model.config.text,
                          loaded.engine.kv_bits, loaded.engine.kv_group_size,
                          getattr(embed, "scales", embed.weight).dtype.size, free_memory())
     if problem:
         raise ValueError(problem)
     last = turns[-1].documents if turns else []
-    return messages, [(os.path.basename(d), count_tokens(tokenizer, document_block(d))) for d in last]
+    return messages, [(os.path.basename(d), counts[d]) for d in last]
 
 
 def _submit(loaded: LoadedModel, messages: list[dict], settings: Settings) -> tuple[Handle, float]:

@@ -94,6 +94,18 @@ def count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
+def document_tokens(tokenizer: Any, path: str) -> int:
+    """The tokens of ``document_block(path)``: counted once per tokenizer and version of the file, though the
+    app checks and shows them before every question in the document's conversation."""
+    stat = Path(path).resolve().stat()
+    return _document_tokens(tokenizer, str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _document_tokens(tokenizer: Any, path: str, mtime_ns: int, size: int) -> int:
+    return count_tokens(tokenizer, document_block(path))
+
+
 def check_fits(prompt_tokens: int, max_tokens: int, cfg: Any, kv_bits: Optional[int], kv_group_size: Optional[int],
                float_bytes: int, free_memory: int) -> Optional[str]:
     """Why a prompt of about ``prompt_tokens`` (its text; images add a few hundred each, which the engine's own

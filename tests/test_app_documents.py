@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from app_helpers import chat_app, collect, start_app  # noqa: E402
 from mlx_llama4 import stream_generate  # noqa: E402
-from mlx_llama4.app import chat  # noqa: E402
+from mlx_llama4.app import chat, documents  # noqa: E402
 from mlx_llama4.app.documents import check_document, check_fits, is_document, read_document  # noqa: E402
 from mlx_llama4.app.handlers import NOT_ACCEPTED, NOT_SENT  # noqa: E402
 
@@ -161,6 +161,31 @@ def test_a_document_too_large_for_the_memory_is_refused(app_model, tmp_path, mon
     assert out[-1]["metadata"]["title"] == NOT_SENT
     assert re.search(r"its KV cache would need about [\d.]+ MiB, and only 0.0 MiB of memory is free",
                      out[-1]["content"]), out[-1]["content"]
+
+
+def test_a_document_is_counted_once_for_all_questions_about_it(app_model, tmp_path, monkeypatch):
+    """Before each question the app checks the conversation's size and shows the new documents' counts; the
+    document's tokens are counted once, not again for every later question (the engine tokenizes the prompt
+    itself)."""
+    app = chat_app(app_model, tmp_path, monkeypatch)
+    doc = tmp_path / f"{uuid.uuid4().hex[:6]}.md"  # a new document: not counted before
+    doc.write_text(NOTES)
+    counted: list[str] = []
+    count_tokens = documents.count_tokens
+
+    def count(tokenizer, text):
+        counted.append(text)
+        return count_tokens(tokenizer, text)
+
+    for module in (chat, documents):
+        monkeypatch.setattr(module, "count_tokens", count)
+    session = chat.ChatSession()
+    _, history = app.add_message({"text": "Which shape is red?", "files": [str(doc)]}, [], session)
+    first = collect(app.respond(history, session, "", 0.0, 1.0, 4))[-1]
+    _, history = app.add_message({"text": "And which is blue?", "files": []}, first, session)
+    second = collect(app.respond(history, session, "", 0.0, 1.0, 4))[-1]
+    assert second[-1]["metadata"]["status"] == "done", second[-1]
+    assert sum(NOTES in text for text in counted) == 1, counted  # the shown count: see the test above
 
 
 def test_the_prompt_is_read_with_progress(app_model, tmp_path, monkeypatch):
