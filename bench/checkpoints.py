@@ -12,7 +12,9 @@ proportions that decide speed and memory:
 - per MoE layer, routed expert width = shared expert width, and Maverick's dense width = 2 x that, so one token
   reads the same number of weights in Scout-like and Maverick-like layers (as in the published models);
 - attention chunk ``C`` = 128 (published 8192), with ``floor_scale`` and llama3's
-  ``original_max_position_embeddings`` scaled with it, so "past 4 chunks" is ~600 tokens;
+  ``original_max_position_embeddings`` scaled with it, so "past 4 chunks" is ~600 tokens; except in
+  ``scout-chunk8k``, which keeps the published 8192 for decoding at 64K tokens, where the chunked layers' share
+  of a step depends on chunk / context (1/8 for Scout at 64K, 1/512 with a chunk of 128);
 - NoPE (global) attention every 4th layer, GQA 2:1, qk-norm and llama3 RoPE scaling in Scout only.
 """
 
@@ -77,6 +79,14 @@ SPECS: dict[str, tuple[dict, dict, str]] = {
              use_qk_norm=True, rope_scaling=_LLAMA3),
         _TINY_VISION,
         "Scout-shaped, 4x wider (hidden 1024, head_dim 128, 4 layers): for the decode-overhead item",
+    ),
+    "scout-chunk8k": (
+        dict(num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True, attention_chunk_size=8192,
+             floor_scale=8192, rope_scaling=dict(_LLAMA3, original_max_position_embeddings=8192),
+             max_position_embeddings=262144),
+        _TINY_VISION,
+        "Scout-shaped with the published attention chunk (8192) and Scout's 256K training context: for decoding "
+        "at 64K tokens in item 9",
     ),
     "scout-tp": (
         dict(num_attention_heads=8, num_key_value_heads=4, num_local_experts=16, interleave_moe_layer_step=1,

@@ -249,6 +249,7 @@ def checks_markdown(results: dict) -> str:
                      f"CPU gather_mm then copies whole expert tensors on every call: decode {d['raw-hf-load']:.1f} "
                      f"tok/s vs {d['as-converted']:.1f} tok/s with the same weights made contiguous (as "
                      f"`mlx_lm.convert` writes them), {raw['slowdown']:.1f}x slower; the table uses the latter")
+    lines += long_context.checks(results)
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ def tasks():
         "serving": serving_load.serving_load,
         "long_context_point": long_context.context_point,
         "long_context_decode": long_context.decode_pair,
+        "long_context_decode_filled": long_context.decode_filled,
     }
 
 
