@@ -18,10 +18,10 @@ The decode goal, ours / mlx-lm >= 1.25 at 64K, is judged on ``scout-chunk8k``, t
 published attention chunk of 8192: what a decode step costs at 64K depends on the chunk's share of the context
 (mlx-lm copies its last chunk of keys and attends to all of it every step; ours attends to the current chunk's
 positions so far), 1/8 for Scout, while the chunk of 128 makes it 1/512. Prefilling 64K tokens there would take
-about an hour on 2 cores (every chunk's attention, 8192 x 8192 in each chunked layer), so each library's cache is
-filled with random keys and values of the shapes it holds at that position (``filled_caches``; a step's cost does not depend on the values),
-at a chunk start and half a chunk on, the average over a reply; at 1.5 chunks the same is measured from caches
-prefilled for real, as a check of the filling.
+about an hour on 2 cores (every chunk's attention, 8192 x 8192 in each chunked layer), so each library's cache
+is filled with random keys and values of the shapes it holds at that position (``filled_caches``; a step's cost
+does not depend on the values), at a chunk start and half a chunk on, the average over a reply; at 1.5 chunks
+the same is measured from caches prefilled for real, as a check of the filling.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def rows(results: dict, add) -> None:
             where = {pc["chunk_start"]: "a chunk start", pc["mid_chunk"]: "half a chunk on: a reply's average"}
             for label, ratio in p["ratios"].items():
                 note = f"chunk {pc['chunk']}, filled caches; at {where.get(p['context'], 'the check point')}"
-                if p["context"] == pc["check"] and label in real["ratios"]:
+                if p["context"] == pc["check"] and label in real.get("ratios", {}):
                     note += f"; from caches prefilled for real: {real['ratios'][label]:.2f}"
                 if label != "ours":
                     note += "; 8-bit: the default past 32768 tokens (kv_bits='auto'), mlx-lm float"
