@@ -1,3 +1,5 @@
+import signal
+
 import numpy as np
 import pytest
 import transformers.modeling_outputs
@@ -10,6 +12,12 @@ from checkpoints import VARIANTS, build_hf_model, hf_logits, save_hf_model
 # define it are left alone.
 if not hasattr(transformers.modeling_outputs.MoeCausalLMOutputWithPast, "image_outputs"):
     transformers.modeling_outputs.MoeCausalLMOutputWithPast.image_outputs = None
+
+# A shell without job control starts a background command (`.ci/run &`) with Ctrl-C (SIGINT) ignored, and every
+# process it starts inherits that, so the tests that press Ctrl-C on a command would see it ignored. A handled
+# signal is reset to the default in a started program, an ignored one is not: handle it here, as Python does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
