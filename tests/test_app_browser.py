@@ -222,6 +222,7 @@ def test_chat_in_the_browser(browser, served, tmp_path, engine_spy):
 
 def test_clear_during_a_reply_clears(browser, url, engine_spy):
     """Clear while a reply streams: the chat empties and stays empty, and the next message starts afresh."""
+    engine_spy.delay = 0.15  # a reply of MAX_TOKENS takes 9 s: on a loaded machine the click still lands in it
     page = browser.new_page()
     page.goto(url)
     box = page.locator("#message textarea")
