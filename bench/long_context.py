@@ -154,9 +154,16 @@ def decode_pair(name: str, context: int, files: dict, token: int, steps: int) ->
     dec = decode_turns(lms, caches, {k: mx.array([[token]], dtype=mx.int32) for k in lms}, steps)
     for f in files.values():
         Path(f).unlink(missing_ok=True)
-    ratios = {k: statistics.median(b / a for a, b in zip(dec["times_s"][k], dec["times_s"]["mlx-lm"]))
-              for k in lms if k != "mlx-lm"}
-    return {"context": context, "decode_tps": dec["tps"], "ratios": ratios, "ratio": ratios["ours"], "steps": steps}
+    return dict(against_mlx_lm(dec), context=context, steps=steps)
+
+
+def against_mlx_lm(dec: dict) -> dict:
+    """Tokens/s of each model of ``decode_turns``' result, and each of ours against mlx-lm: the median of
+    per-step time ratios."""
+    mlx_lm = dec["times_s"]["mlx-lm"]
+    ratios = {k: statistics.median(b / a for a, b in zip(times, mlx_lm))
+              for k, times in dec["times_s"].items() if k != "mlx-lm"}
+    return {"decode_tps": dec["tps"], "ratios": ratios, "ratio": ratios["ours"]}
 
 
 def filled_caches(name: str, context: int, room: int, kv_bits: Optional[int] = None) -> tuple[list, list]:
@@ -224,10 +231,7 @@ def decode_filled(name: str, contexts: list[int], steps: int) -> dict:
         lms = {"ours": ours, "mlx-lm": theirs, "ours, global KV 8-bit": ours}
         _fresh()
         dec = decode_turns(lms, caches, {k: token for k in lms}, steps)
-        ratios = {k: statistics.median(b / a for a, b in zip(dec["times_s"][k], dec["times_s"]["mlx-lm"]))
-                  for k in lms if k != "mlx-lm"}
-        out.append({"context": context, "decode_tps": dec["tps"], "ratios": ratios, "ratio": ratios["ours"],
-                    "steps": steps, "parity_rel_err": parity})
+        out.append(dict(against_mlx_lm(dec), context=context, steps=steps, parity_rel_err=parity))
         del caches
     return {"model": name, "chunk": text_cfg(name).attention_chunk_size, "points": out}
 
@@ -301,8 +305,8 @@ def rows(results: dict, add) -> None:
     pc = lc.get("published_chunk")
     if pc and "error" not in pc:
         real = pc["prefilled"]
+        where = {pc["chunk_start"]: "a chunk start", pc["mid_chunk"]: "half a chunk on: a reply's average"}
         for p in pc["points"]:
-            where = {pc["chunk_start"]: "a chunk start", pc["mid_chunk"]: "half a chunk on: a reply's average"}
             for label, ratio in p["ratios"].items():
                 note = f"chunk {pc['chunk']}, filled caches; at {where.get(p['context'], 'the check point')}"
                 if p["context"] == pc["check"] and label in real.get("ratios", {}):
@@ -485,17 +489,17 @@ def published_chunk_decode(run_worker, context: int, gen: int, steps: int) -> di
     C = text_cfg(CHUNK_MODEL).attention_chunk_size
     start = max(C, context // C * C)
     check = C + C // 2
-    files, token = {}, None
+    points = {}
     for impl in ("ours", "mlx-lm"):
-        r = run_worker("long_context_point", timeout=3600, impl=impl, name=CHUNK_MODEL, context=check, gen=gen,
-                       save=True)
-        if "error" in r:
-            return {"error": f"{impl} at {check} tokens: {r['error']}"}
-        files[impl], token = r["cache_file"], token if token is not None else r["next_token"]
+        points[impl] = run_worker("long_context_point", timeout=3600, impl=impl, name=CHUNK_MODEL, context=check,
+                                  gen=gen, save=True)
+        if "error" in points[impl]:
+            return {"error": f"{impl} at {check} tokens: {points[impl]['error']}"}
     out = run_worker("long_context_decode_filled", timeout=3600, name=CHUNK_MODEL,
                      contexts=sorted({check, start, start + C // 2}), steps=steps)
     out["prefilled"] = run_worker("long_context_decode", timeout=3600, name=CHUNK_MODEL, context=check,
-                                  files=files, token=token, steps=steps)
+                                  files={k: p["cache_file"] for k, p in points.items()},
+                                  token=points["ours"]["next_token"], steps=steps)
     out.update(chunk_start=start, mid_chunk=start + C // 2, check=check)
     return out
 
