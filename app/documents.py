@@ -35,12 +35,18 @@ def is_document(path: Any) -> bool:
 
 def read_document(path: str) -> str:
     """The text of the document at ``path``; ValueError (naming the file) if it has none that can be read."""
+    return _read(*_version(path))
+
+
+def _version(path: str) -> tuple[Path, int, int]:
+    """(resolved path, modification time, size): what the caches below are keyed by, so an edited file is read
+    and counted again. ValueError if the file is gone."""
     resolved = Path(path).resolve()
     try:
         stat = resolved.stat()
     except OSError:
         raise ValueError(f"{resolved.name}: the uploaded file is gone; attach it again") from None
-    return _read(resolved, stat.st_mtime_ns, stat.st_size)
+    return resolved, stat.st_mtime_ns, stat.st_size
 
 
 @lru_cache(maxsize=8)  # a document is read again for every later question in its conversation
@@ -97,8 +103,7 @@ def count_tokens(tokenizer: Any, text: str) -> int:
 def document_tokens(tokenizer: Any, path: str) -> int:
     """The tokens of ``document_block(path)``: counted once per tokenizer and version of the file, though the
     app checks and shows them before every question in the document's conversation."""
-    stat = Path(path).resolve().stat()
-    return _document_tokens(tokenizer, str(path), stat.st_mtime_ns, stat.st_size)
+    return _document_tokens(tokenizer, str(path), *_version(path)[1:])
 
 
 @lru_cache(maxsize=8)
